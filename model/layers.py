@@ -1,0 +1,60 @@
+"""Small shared pieces of the network: RMSNorm, SwiGLU, and the short causal depthwise conv.
+
+Shapes: B batch, T bytes, C channels, K kernel width.
+"""
+
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+
+class RMSNorm(nn.Module):
+    def __init__(self, dim: int, eps: float = 1e-6) -> None:
+        super().__init__()
+        self.eps = eps
+        self.weight = nn.Parameter(torch.ones(dim))
+
+    def forward(self, x: Tensor) -> Tensor:
+        return F.rms_norm(x, (x.shape[-1],), self.weight, self.eps)
+
+
+class SwiGLU(nn.Module):
+    def __init__(self, dim: int, hidden: int) -> None:
+        super().__init__()
+        self.up = nn.Linear(dim, 2 * hidden, bias=False)
+        self.down = nn.Linear(hidden, dim, bias=False)
+
+    def forward(self, x: Tensor) -> Tensor:
+        gate, up = self.up(x).chunk(2, dim=-1)
+        return self.down(F.silu(gate) * up)
+
+
+class ShortConv(nn.Module):
+    """Causal depthwise conv of width K; its recurrent state is the last K-1 inputs."""
+
+    def __init__(self, channels: int, kernel: int) -> None:
+        super().__init__()
+        self.kernel = kernel
+        self.weight = nn.Parameter(torch.randn(channels, kernel) / kernel**0.5)
+        self.bias = nn.Parameter(torch.zeros(channels))
+
+    def state_shape(self) -> tuple[int, int]:
+        return (self.weight.shape[0], self.kernel - 1)
+
+    def forward(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x (B, T, C), state (B, C, K-1) or None for zeros -> y (B, T, C), new state."""
+        B, T, C = x.shape
+        xt = x.transpose(1, 2)  # (B, C, T)
+        if state is None:
+            state = xt.new_zeros(B, C, self.kernel - 1)
+        full = torch.cat([state, xt], dim=-1)  # (B, C, T+K-1)
+        y = F.conv1d(full, self.weight.unsqueeze(1), self.bias, groups=C)  # (B, C, T)
+        return y.transpose(1, 2), full[..., full.shape[-1] - (self.kernel - 1) :]
+
+    def step(self, x: Tensor, state: Tensor) -> tuple[Tensor, Tensor]:
+        """x (B, C), state (B, C, K-1) -> y (B, C), new state."""
+        full = torch.cat([state, x.unsqueeze(-1)], dim=-1)  # (B, C, K)
+        y = (full * self.weight).sum(-1) + self.bias
+        return y, full[..., 1:]

@@ -1,0 +1,106 @@
+"""The memory read block and the slots it reads.
+
+A read is a top-k attention from the current hidden state over the session's memory slots (all
+levels), each slot tagged with a level and an age embedding, gated into the residual stream. A
+learned null slot is always present, so an empty memory is valid and reads (almost) nothing.
+The read looks at one position at a time, so its parallel and recurrent forms are the same code.
+
+Shapes: B batch, T bytes, D width, M memory slots, Hr read heads, k slots picked per read.
+"""
+
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from model.config import ModelConfig
+from model.layers import RMSNorm
+
+NAMESPACE_LEVEL = 0  # level id of a read-only namespace memory; session levels are 1..L
+
+
+def age_bucket(age_segments: Tensor, buckets: int) -> Tensor:
+    """Age in segments -> log2 bucket in [0, buckets)."""
+    return torch.floor(torch.log2(age_segments.float() + 1)).long().clamp(0, buckets - 1)
+
+
+@dataclass
+class MemorySlots:
+    """What a read sees. slots (B, M, D); level, age (B, M) long; mask (B, M) bool (True = valid)."""
+
+    slots: Tensor
+    level: Tensor
+    age: Tensor
+    mask: Tensor
+
+    @classmethod
+    def empty(cls, batch: int, dim: int, device: torch.device | str | None = None, capacity: int = 0) -> MemorySlots:
+        """A memory of `capacity` invalid slots: valid input that reads nothing but the null slot."""
+        return cls(
+            slots=torch.zeros(batch, capacity, dim, device=device),
+            level=torch.zeros(batch, capacity, dtype=torch.long, device=device),
+            age=torch.zeros(batch, capacity, dtype=torch.long, device=device),
+            mask=torch.zeros(batch, capacity, dtype=torch.bool, device=device),
+        )
+
+    @property
+    def size(self) -> int:
+        return self.slots.shape[1]
+
+    def index(self, rows: Tensor) -> MemorySlots:
+        return MemorySlots(self.slots[rows], self.level[rows], self.age[rows], self.mask[rows])
+
+
+class MemoryRead(nn.Module):
+    def __init__(self, cfg: ModelConfig) -> None:
+        super().__init__()
+        D = cfg.d_model
+        self.heads, self.head_dim, self.topk = cfg.read_heads, D // cfg.read_heads, cfg.read_topk
+        self.norm = RMSNorm(D, cfg.norm_eps)
+        self.mem_norm = RMSNorm(D, cfg.norm_eps)
+        self.level_emb = nn.Embedding(cfg.mem_levels + 1, D)
+        self.age_emb = nn.Embedding(cfg.age_buckets, D)
+        nn.init.normal_(self.level_emb.weight, std=0.02)
+        nn.init.normal_(self.age_emb.weight, std=0.02)
+        self.q = nn.Linear(D, D, bias=False)
+        self.kv = nn.Linear(D, 2 * D, bias=False)
+        self.null_kv = nn.Parameter(torch.randn(2, D) * 0.02)
+        self.out = nn.Linear(D, D, bias=False)
+        self.gate = nn.Linear(D, D)
+        nn.init.constant_(self.gate.bias, -2.0)  # start mostly closed: memory earns its way in
+
+    def forward(self, x: Tensor, memory: MemorySlots | None, return_picks: bool = False) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, D) residual stream -> residual update (B, T, D), and optionally the picked
+        slot indices (B, Hr, T, k) into memory (-1 = the null slot)."""
+        B, T, D = x.shape
+        Hr, dh = self.heads, self.head_dim
+        h = self.norm(x)
+        q = self.q(h).view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
+        null = self.null_kv.view(2, 1, 1, D).expand(2, B, 1, D)
+        if memory is None or memory.size == 0:
+            keys, values, valid = null[0], null[1], x.new_ones(B, 1, dtype=torch.bool)
+        else:
+            m = self.mem_norm(memory.slots) + self.level_emb(memory.level) + self.age_emb(memory.age)
+            k, v = self.kv(m).chunk(2, dim=-1)  # (B, M, D)
+            keys, values = torch.cat([null[0], k], 1), torch.cat([null[1], v], 1)  # (B, M+1, D)
+            valid = torch.cat([x.new_ones(B, 1, dtype=torch.bool), memory.mask], 1)
+        M1 = keys.shape[1]
+        keys = keys.view(B, M1, Hr, dh).transpose(1, 2)  # (B, Hr, M+1, dh)
+        values = values.view(B, M1, Hr, dh).transpose(1, 2)
+        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(dh)  # (B, Hr, T, M+1)
+        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
+        k_eff = min(self.topk, M1)
+        picks = None
+        if k_eff < M1:  # keep the k best slots per query, drop the rest
+            top, idx = scores.topk(k_eff, dim=-1)
+            scores = scores.masked_fill(scores < top[..., -1:], float("-inf"))
+            picks = idx - 1 if return_picks else None
+        elif return_picks:
+            picks = scores.argsort(dim=-1, descending=True) - 1
+        attn = torch.softmax(scores, dim=-1)
+        o = (attn @ values).transpose(1, 2).reshape(B, T, D)
+        return self.out(o) * torch.sigmoid(self.gate(h)), picks
