@@ -1,0 +1,38 @@
+"""EngineConfig: the engine's knobs. Read by entry points from flags; never from the environment here."""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+
+@dataclass(frozen=True)
+class EngineConfig:
+    max_slots: int = 64  # live sessions on the device at once (rows of the state pool)
+    prefill_budget: int = 4096  # input bytes prefilled per step, across sessions
+    prefill_chunk: int = 1024  # most bytes one session prefills in one step
+    inbox_size: int = 1024  # pending commands (input, cancel, close) between steps
+    max_input_bytes: int = 1 << 20  # one submit's bytes
+    max_pending_bytes: int = 4 << 20  # a session's unread input bytes
+    lag_limit: int = 4096  # undelivered output bytes after which a session pauses its decoding
+    memory_capacity: int = 0  # memory slots a session reads (0: memory off)
+    device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
+    cuda_graphs: bool = True  # capture decode per batch bucket (only on CUDA)
+    compile: bool = False  # torch.compile the decode step before capture
+    threaded_steps: bool = True  # run each step in a worker thread so the event loop stays live
+    idle_wait_s: float = 0.05  # longest sleep of an idle loop before it looks again
+
+    def __post_init__(self) -> None:
+        if self.max_slots < 1:
+            raise ValueError("max_slots must be >= 1")
+        if self.prefill_chunk < 1 or self.prefill_budget < 1:
+            raise ValueError("prefill_chunk and prefill_budget must be >= 1")
+
+    @property
+    def buckets(self) -> tuple[int, ...]:
+        """Decode batch sizes with a captured graph: 1, 2, 4, ... up to max_slots."""
+        out, b = [], 1
+        while b < self.max_slots:
+            out.append(b)
+            b *= 2
+        out.append(self.max_slots)
+        return tuple(out)

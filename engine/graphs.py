@@ -1,0 +1,65 @@
+"""graphs.py: CUDA graphs for the batched decode, the one place that captures and replays them.
+
+One graph per batch bucket (1, 2, 4, ... max_slots). Inputs live in one static (4, max) long
+buffer (tokens, slots, positions, sample flags); a step copies its rows in, pads the bucket with
+the scratch slot, and replays. The state pool is indexed by the slot tensor inside the graph, so
+no state is copied in or out. The eager function stays the reference (a test holds them equal).
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+
+import torch
+from torch import Tensor
+
+
+class DecodeGraphs:
+    def __init__(self, fn: Callable[[Tensor], Tensor], buckets: tuple[int, ...], scratch: int, device: torch.device) -> None:
+        self.fn = fn
+        self.buckets = buckets
+        self.scratch = scratch
+        self.device = device
+        self.static_in = torch.zeros(4, buckets[-1], dtype=torch.long, device=device)
+        self.host_in = torch.zeros(4, buckets[-1], dtype=torch.long).pin_memory()
+        self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
+        self.pool = torch.cuda.graph_pool_handle()
+
+    def _pad(self, b: int) -> None:
+        self.static_in[:, :b].zero_()
+        self.static_in[1, :b] = self.scratch
+
+    def capture(self, b: int) -> None:
+        """Warm up on a side stream (writes go to the scratch slot), then capture bucket b."""
+        self._pad(b)
+        side = torch.cuda.Stream(self.device)
+        side.wait_stream(torch.cuda.current_stream(self.device))
+        with torch.cuda.stream(side):
+            for _ in range(3):
+                self.fn(self.static_in[:, :b])
+        torch.cuda.current_stream(self.device).wait_stream(side)
+        graph = torch.cuda.CUDAGraph()
+        with torch.cuda.graph(graph, pool=self.pool):
+            out = self.fn(self.static_in[:, :b])
+        self.graphs[b] = (graph, out)
+
+    def capture_all(self) -> None:
+        for b in reversed(self.buckets):  # largest first: smaller ones reuse its pool memory
+            self.capture(b)
+
+    def bucket(self, n: int) -> int:
+        return next(b for b in self.buckets if b >= n)
+
+    def run(self, rows: Tensor) -> Tensor:
+        """rows (4, n) long on the host -> sampled ids (n,) on the device."""
+        n = rows.shape[1]
+        b = self.bucket(n)
+        if b not in self.graphs:
+            self.capture(b)
+        self.host_in[:, :n] = rows
+        self.host_in[:, n:b] = 0
+        self.host_in[1, n:b] = self.scratch
+        self.static_in[:, :b].copy_(self.host_in[:, :b], non_blocking=True)
+        graph, out = self.graphs[b]
+        graph.replay()
+        return out[:n]

@@ -1,0 +1,199 @@
+"""runner.py executes a StepPlan on the device; it knows slots, never sessions or sockets.
+
+It owns the pools, all allocated once with a leading slot dimension (max_slots + 1 rows; the
+last row is scratch that padded graph rows write into): the model's recurrent state, the logits
+of each slot's last byte, its sampling parameters and sample counter, the memory slots it reads,
+and the buffer of captured hidden states of its open segment. A step is: zero newly owned slots,
+one batched recurrent step for every one-byte feed (a CUDA graph per batch bucket on a GPU, the
+same function eagerly elsewhere), the parallel form for prefill chunks, then one sampling pass
+and one host sync for the sampled bytes.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+
+import torch
+from torch import Tensor
+
+from engine.config import EngineConfig
+from engine.graphs import DecodeGraphs
+from engine.sampling import sample
+from engine.scheduler import Feed, StepPlan
+from engine.types import SamplingParams
+from model import ByteLM, MemorySlots, age_bucket
+
+
+@dataclass(frozen=True)
+class ClosedSegment:
+    slot: int
+    index: int  # segment number in the session (0, 1, ...)
+    start: int  # context offset of its first byte
+    hidden: Tensor  # (S, D) captured hidden states, on the device
+
+
+class Runner:
+    def __init__(self, model: ByteLM, cfg: EngineConfig, *, capture_segments: bool = False) -> None:
+        self.cfg = cfg
+        self.device = torch.device(cfg.device)
+        self.model = model.to(self.device).eval()
+        mc = model.config
+        self.S = mc.segment_len
+        rows = cfg.max_slots + 1
+        self.scratch = cfg.max_slots
+        dev = self.device
+        self.state = model.allocate_state(rows, dev)
+        self.logits = torch.zeros(rows, mc.vocab, device=dev)
+        self.temperature = torch.ones(rows, device=dev)
+        self.top_k = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.top_p = torch.ones(rows, device=dev)
+        self.seed = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.counter = torch.zeros(rows, dtype=torch.long, device=dev)
+        M = cfg.memory_capacity
+        self.memory = MemorySlots.empty(rows, mc.d_model, dev, capacity=M) if M else None
+        self.mem_written = torch.zeros(rows, M, dtype=torch.long, device=dev)  # segment each slot came from
+        self.capture = capture_segments
+        self.seg_buf = torch.zeros(rows, self.S, mc.d_model, device=dev) if capture_segments else None
+        self.graphs: DecodeGraphs | None = None
+        decode_fn: Callable[[Tensor], Tensor] = self._decode_rows
+        if cfg.compile:
+            decode_fn = torch.compile(decode_fn, mode="max-autotune-no-cudagraphs", dynamic=False)
+        self._decode_fn = decode_fn
+        if self.device.type == "cuda" and cfg.cuda_graphs:
+            self.graphs = DecodeGraphs(decode_fn, cfg.buckets, self.scratch, dev)
+
+    # ----- per-slot setup -----
+
+    def reset_slot(self, slot: int) -> None:
+        for t in self.state.values():
+            t[slot].zero_()
+        self.logits[slot].zero_()
+        self.counter[slot] = 0
+        if self.memory is not None:
+            self.memory.mask[slot] = False
+        if self.seg_buf is not None:
+            self.seg_buf[slot].zero_()
+
+    def set_sampling(self, slot: int, params: SamplingParams, seed: int, reset_counter: bool) -> None:
+        """Called between steps when a turn starts. An explicit seed restarts the counter (same
+        seed, same bytes); otherwise the counter carries on across turns."""
+        if reset_counter:
+            self.counter[slot] = 0
+        self.temperature[slot] = params.temperature
+        self.top_k[slot] = params.top_k
+        self.top_p[slot] = params.top_p
+        self.seed[slot] = seed & 0xFFFFFFFF
+
+    def install_memory(self, slot: int, memory: MemorySlots, written: Tensor) -> None:
+        """Switch a slot to a new memory version (between steps). memory has batch 1; written (M,)
+        holds the segment index each slot was written at (ages are computed per step)."""
+        assert self.memory is not None, "memory is off (memory_capacity 0)"
+        M = self.memory.size
+        n = min(M, memory.size)
+        self.memory.mask[slot] = False
+        self.memory.slots[slot, :n] = memory.slots[0, :n].to(self.device)
+        self.memory.level[slot, :n] = memory.level[0, :n].to(self.device)
+        self.memory.mask[slot, :n] = memory.mask[0, :n].to(self.device)
+        self.mem_written[slot, :n] = written[:n].to(self.device)
+
+    def _memory_for(self, slots: Tensor, pos: Tensor) -> MemorySlots | None:
+        if self.memory is None:
+            return None
+        age = (pos // self.S).unsqueeze(-1) - self.mem_written[slots]  # (B, M) segments
+        return MemorySlots(
+            self.memory.slots[slots], self.memory.level[slots],
+            age_bucket(age.clamp(min=0), self.model.config.age_buckets), self.memory.mask[slots],
+        )
+
+    # ----- the step -----
+
+    def _decode_rows(self, rows: Tensor) -> Tensor:
+        """rows (4, B) long: tokens, slots, positions, sample flags -> sampled ids (B,).
+
+        The whole batched decode: recurrent step on the pool rows, logits and captured hidden
+        written back, and a sample for every row (rows with flag 0 do not advance their counter)."""
+        tokens, slots, pos, flag = rows[0], rows[1], rows[2], rows[3]
+        memory = self._memory_for(slots, pos)
+        logits, hidden = self.model.step(tokens, self.state, slots, memory, return_hidden=True)
+        self.logits.index_copy_(0, slots, logits)
+        if self.seg_buf is not None:
+            self.seg_buf[slots, pos % self.S] = hidden
+        out = sample(logits, self.temperature[slots], self.top_k[slots], self.top_p[slots], self.seed[slots], self.counter[slots])
+        self.counter.index_add_(0, slots, flag)
+        return out
+
+    @torch.no_grad()
+    def execute(self, plan: StepPlan) -> tuple[list[int], list[ClosedSegment]]:
+        """Run a plan -> (sampled ids in plan.samples order, segments that closed)."""
+        for slot in plan.reset:
+            self.reset_slot(slot)
+        closed: list[ClosedSegment] = []
+        parts: list[Tensor] = []
+        if plan.decode:
+            rows = torch.tensor(
+                [[f.data[0] for f in plan.decode], [f.slot for f in plan.decode],
+                 [f.start for f in plan.decode], [int(f.sample) for f in plan.decode]],
+                dtype=torch.long,
+            )
+            if self.graphs is not None:
+                parts.append(self.graphs.run(rows))
+            else:
+                parts.append(self._decode_fn(rows.to(self.device)))
+            for f in plan.decode:
+                if (f.start + 1) % self.S == 0 and self.seg_buf is not None:
+                    closed.append(ClosedSegment(f.slot, f.start // self.S, f.start + 1 - self.S, self.seg_buf[f.slot].clone()))
+        for f in plan.prefill:
+            closed += self._prefill(f)
+        late = [f for f in (*plan.prefill, *plan.sample_only) if f.sample]
+        if late:
+            slots = torch.tensor([f.slot for f in late], device=self.device)
+            parts.append(sample(self.logits[slots], self.temperature[slots], self.top_k[slots], self.top_p[slots], self.seed[slots], self.counter[slots]))
+            self.counter.index_add_(0, slots, torch.ones_like(slots))
+        if not parts:
+            return [], closed
+        ids = torch.cat(parts).tolist()  # sync: the one host sync of the step
+        n = len(plan.decode)
+        return [v for v, f in zip(ids[:n], plan.decode, strict=True) if f.sample] + ids[n:], closed
+
+    def _prefill(self, f: Feed) -> list[ClosedSegment]:
+        slot_t = torch.tensor([f.slot], device=self.device)
+        tokens = torch.tensor(list(f.data), dtype=torch.long, device=self.device).unsqueeze(0)
+        memory = self._memory_for(slot_t, torch.tensor([f.start], device=self.device))
+        if not self.capture:
+            self.logits[f.slot] = self.model.prefill(tokens, self.state, slot_t, memory)[0]
+            return []
+        logits, hidden = self.model.prefill(tokens, self.state, slot_t, memory, return_hidden=True)
+        self.logits[f.slot] = logits[0]
+        return self._capture(f.slot, f.start, hidden[0])
+
+    def _capture(self, slot: int, start: int, hidden: Tensor) -> list[ClosedSegment]:
+        """Write hidden (n, D) for context offsets start.. into the slot's segment buffer."""
+        assert self.seg_buf is not None
+        closed, i, n = [], 0, hidden.shape[0]
+        while i < n:
+            off = (start + i) % self.S
+            take = min(self.S - off, n - i)
+            self.seg_buf[slot, off : off + take] = hidden[i : i + take]
+            i += take
+            if off + take == self.S:
+                end = start + i
+                closed.append(ClosedSegment(slot, end // self.S - 1, end - self.S, self.seg_buf[slot].clone()))
+        return closed
+
+    # ----- weights -----
+
+    @torch.no_grad()
+    def swap_weights(self, tensors: dict[str, Tensor]) -> None:
+        """Copy new weights into the live parameters in place (captured graphs stay valid)."""
+        params = dict(self.model.named_parameters())
+        params.update(dict(self.model.named_buffers()))
+        for name, t in tensors.items():
+            params[name].copy_(t)
+
+    def state_rows(self, slot: int) -> dict[str, Tensor]:
+        return {k: v[slot].clone() for k, v in self.state.items()}
+
+    def load_state_rows(self, slot: int, rows: dict[str, Tensor]) -> None:
+        for k, v in self.state.items():
+            v[slot].copy_(rows[k])
