@@ -143,8 +143,11 @@ class Runner:
             for f in plan.decode:
                 if (f.start + 1) % self.S == 0 and self.seg_buf is not None:
                     closed.append(ClosedSegment(f.slot, f.start // self.S, f.start + 1 - self.S, self.seg_buf[f.slot].clone()))
+        by_len: dict[int, list[Feed]] = {}
         for f in plan.prefill:
-            closed += self._prefill(f)
+            by_len.setdefault(len(f.data), []).append(f)
+        for group in by_len.values():
+            closed += self._prefill(group)
         late = [f for f in (*plan.prefill, *plan.sample_only) if f.sample]
         if late:
             slots = torch.tensor([f.slot for f in late], device=self.device)
@@ -156,16 +159,20 @@ class Runner:
         n = len(plan.decode)
         return [v for v, f in zip(ids[:n], plan.decode, strict=True) if f.sample] + ids[n:], closed
 
-    def _prefill(self, f: Feed) -> list[ClosedSegment]:
-        slot_t = torch.tensor([f.slot], device=self.device)
-        tokens = torch.tensor(list(f.data), dtype=torch.long, device=self.device).unsqueeze(0)
-        memory = self._memory_for(slot_t, torch.tensor([f.start], device=self.device))
+    def _prefill(self, feeds: list[Feed]) -> list[ClosedSegment]:
+        """Prefill feeds of one length together: one parallel pass over their slots."""
+        slots = torch.tensor([f.slot for f in feeds], device=self.device)
+        tokens = torch.tensor([list(f.data) for f in feeds], dtype=torch.long, device=self.device)  # (G, n)
+        memory = self._memory_for(slots, torch.tensor([f.start for f in feeds], device=self.device))
         if not self.capture:
-            self.logits[f.slot] = self.model.prefill(tokens, self.state, slot_t, memory)[0]
+            self.logits.index_copy_(0, slots, self.model.prefill(tokens, self.state, slots, memory))
             return []
-        logits, hidden = self.model.prefill(tokens, self.state, slot_t, memory, return_hidden=True)
-        self.logits[f.slot] = logits[0]
-        return self._capture(f.slot, f.start, hidden[0])
+        logits, hidden = self.model.prefill(tokens, self.state, slots, memory, return_hidden=True)
+        self.logits.index_copy_(0, slots, logits)
+        closed = []
+        for f, h in zip(feeds, hidden, strict=True):
+            closed += self._capture(f.slot, f.start, h)
+        return closed
 
     def _capture(self, slot: int, start: int, hidden: Tensor) -> list[ClosedSegment]:
         """Write hidden (n, D) for context offsets start.. into the slot's segment buffer."""

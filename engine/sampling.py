@@ -42,7 +42,8 @@ def sample(
 
     temperature 0 is greedy; top_k 0 keeps all; top_p 1 keeps all."""
     logits = logits.float().clone()
-    logits[:, list(BANNED)] = float("-inf")
+    logits[:, BANNED[0]] = float("-inf")  # slices, not an index list: no host copy in a graph
+    logits[:, BANNED[1] :] = float("-inf")
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     x = logits / t.unsqueeze(-1)

@@ -91,7 +91,21 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="auto")
     tr.add_argument("--out", required=True, help="checkpoint directory to write")
     tr.set_defaults(func=_train)
+
+    bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
+    bsub = bench.add_subparsers(dest="bench_command", required=True)
+    be = bsub.add_parser("engine", help="engine throughput and latency")
+    from benchmarks.engine_bench import add_arguments
+
+    add_arguments(be)
+    be.set_defaults(func=_bench_engine)
     return p
+
+
+def _bench_engine(args: argparse.Namespace) -> int:
+    from benchmarks.engine_bench import run
+
+    return run(args)
 
 
 def main(argv: Sequence[str] | None = None) -> int:

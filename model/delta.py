@@ -37,9 +37,10 @@ def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tens
 def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
     """q, k (B, H, dk), v (B, H, dv), a, b (B, H), S (B, H, dv, dk) -> o (B, H, dv), next S."""
     a, b = a.unsqueeze(-1), b.unsqueeze(-1)
-    Sk = torch.einsum("bhvk,bhk->bhv", S, k)
-    S = a.unsqueeze(-1) * S + ((b * (v - a * Sk)).unsqueeze(-1) * k.unsqueeze(-2))
-    return torch.einsum("bhvk,bhk->bhv", S, q), S
+    Sk = (S @ k.unsqueeze(-1)).squeeze(-1)  # (B, H, dv)
+    w = b * (v - a * Sk)  # what this byte writes
+    S = torch.addcmul(a.unsqueeze(-1) * S, w.unsqueeze(-1), k.unsqueeze(-2))  # a S + w k^T
+    return (S @ q.unsqueeze(-1)).squeeze(-1), S
 
 
 def delta_rule_chunked(

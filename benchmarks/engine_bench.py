@@ -1,0 +1,265 @@
+"""Engine benchmarks: `bwr bench engine ...` (or `python -m benchmarks.engine_bench ...`).
+
+Two measurements, each printing a table and writing JSON:
+
+- serve (default on the CPU): N sessions each generate B bytes through the real asyncio Engine,
+  all at once (batched) and then the same work one session at a time in the same process
+  (baseline); reports tokens/s of both, their ratio, and TTFT / inter-token latency p50 and p99.
+- decode grid (--batches/--contexts, for the GPU): decode throughput of the runner's batched step
+  at each batch size and context length, eager vs CUDA graphs (vs torch.compile + graphs). The
+  context is prefilled once for real (the parallel form, chunked), then its state is copied into
+  every slot: a recurrent model's decode cost depends only on its fixed-size state, which is
+  what this grid shows (flat in context length).
+
+Needs only torch (and the project's engine/ and model/): it runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import platform
+import statistics
+import time
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from engine import Delta, Done, Engine, EngineConfig, SamplingParams
+from engine.runner import Runner
+from engine.scheduler import Feed, StepPlan
+from model import ByteLM, ModelConfig
+
+
+def parse_size(text: str) -> int:
+    text = text.strip().lower()
+    mult = {"k": 1024, "m": 1024**2}.get(text[-1:], 1)
+    return int(float(text[:-1] if mult > 1 else text) * mult)
+
+
+def load_model(name: str, device: str) -> ByteLM:
+    torch.manual_seed(0)
+    if Path(name).is_dir():
+        return ByteLM.load(name, device).eval()
+    return ByteLM(ModelConfig.named(name)).to(device).eval()
+
+
+def pct(values: list[float], q: float) -> float:
+    if not values:
+        return 0.0
+    s = sorted(values)
+    return s[min(len(s) - 1, int(q * len(s)))]
+
+
+# ----- serve: the asyncio engine, batched vs one at a time -----
+
+
+async def _serve(model: ByteLM, device: str, sessions: int, nbytes: int, prompt: bytes, concurrent: bool) -> dict[str, Any]:
+    cfg = EngineConfig(max_slots=sessions if concurrent else 1, device=device, lag_limit=1 << 20)
+    engine = Engine(model, cfg)
+    await engine.start()
+    ttft: list[float] = []
+    itl: list[float] = []
+    total = 0
+
+    async def one(i: int) -> None:
+        nonlocal total
+        s = engine.open()
+        t0 = time.perf_counter()
+        last = None
+        s.submit(prompt, SamplingParams(max_bytes=nbytes, seed=i, temperature=1.0))
+        async for ev in s.events():
+            now = time.perf_counter()
+            if isinstance(ev, Delta) and ev.data:
+                if last is None:
+                    ttft.append(now - t0)
+                else:
+                    itl.append((now - last) / len(ev.data))
+                last = now
+                total += len(ev.data)
+            elif isinstance(ev, Done):
+                break
+        await s.close()
+
+    t0 = time.perf_counter()
+    if concurrent:
+        await asyncio.gather(*(one(i) for i in range(sessions)))
+    else:
+        for i in range(sessions):
+            await one(i)
+    wall = time.perf_counter() - t0
+    await engine.shutdown()
+    return {
+        "tokens": total, "seconds": wall, "tokens_per_s": total / wall,
+        "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99)},
+        "itl_ms": {"p50": 1e3 * pct(itl, 0.5), "p99": 1e3 * pct(itl, 0.99)},
+        "steps": engine.metrics.steps,
+    }
+
+
+def serve(args: argparse.Namespace) -> dict[str, Any]:
+    model = load_model(args.model, args.device)
+    prompt = (b"The quick brown fox jumps over the lazy dog. " * 8)[: args.prompt]
+    asyncio.run(_serve(model, args.device, min(4, args.sessions), 8, prompt, True))  # warm up
+    batched = asyncio.run(_serve(model, args.device, args.sessions, args.bytes, prompt, True))
+    baseline = asyncio.run(_serve(model, args.device, args.sessions, args.bytes, prompt, False))
+    result = {
+        "bench": "engine.serve", "model": args.model, "device": args.device, "sessions": args.sessions,
+        "bytes": args.bytes, "prompt": len(prompt), "batched": batched, "baseline": baseline,
+        "speedup": batched["tokens_per_s"] / baseline["tokens_per_s"],
+        "ttft_ms": batched["ttft_ms"], "itl_ms": batched["itl_ms"],
+    }
+    print(f"engine serve: {args.model} on {args.device}, {args.sessions} sessions x {args.bytes} bytes, prompt {len(prompt)} B")
+    print(f"{'run':<10} {'tokens/s':>12} {'seconds':>9} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>9} {'ITL p99':>9}")
+    for name, r in (("batched", batched), ("baseline", baseline)):
+        print(f"{name:<10} {r['tokens_per_s']:>12,.0f} {r['seconds']:>9.2f} {r['ttft_ms']['p50']:>8.1f}ms {r['ttft_ms']['p99']:>8.1f}ms "
+              f"{r['itl_ms']['p50']:>7.2f}ms {r['itl_ms']['p99']:>7.2f}ms")
+    print(f"speedup batched / baseline: {result['speedup']:.1f}x")
+    return result
+
+
+# ----- decode grid: the runner's batched step -----
+
+
+def _sync(device: str) -> None:
+    if device.startswith("cuda"):
+        torch.cuda.synchronize()
+
+
+def _context_state(model: ByteLM, ctx: int, device: str) -> dict[str, torch.Tensor]:
+    """Prefill one row over ctx bytes of text-like data; -> its state (batch 1)."""
+    g = torch.Generator().manual_seed(ctx)
+    data = torch.randint(32, 127, (1, ctx), generator=g).to(device)
+    state = model.allocate_state(1, device)
+    model.prefill(data, state)
+    return state
+
+
+def _time_steps(runner: Runner, plan: StepPlan, steps: int) -> list[float]:
+    times = []
+    for _ in range(steps):
+        t0 = time.perf_counter()
+        runner.execute(plan)  # ends with the step's one host sync
+        times.append(time.perf_counter() - t0)
+    return times
+
+
+def _replay_ms(runner: Runner, batch: int) -> float | None:
+    """Device time of one graph replay (no host work), timed with events like the peer."""
+    if runner.graphs is None:
+        return None
+    graph, _ = runner.graphs.graphs[runner.graphs.bucket(batch)]
+    times = []
+    for _ in range(5):
+        e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+        e0.record()
+        for _ in range(20):
+            graph.replay()
+        e1.record()
+        torch.cuda.synchronize()
+        times.append(e0.elapsed_time(e1) / 20)
+    return statistics.median(times)
+
+
+def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
+    device = args.device
+    if device.startswith("cuda"):
+        torch.backends.cuda.matmul.allow_tf32 = True
+    model = load_model(args.model, device)
+    batches = [int(b) for b in args.batches.split(",")]
+    contexts = [parse_size(c) for c in args.contexts.split(",")]
+    modes = args.modes.split(",")
+    state_bytes = model.state_bytes_per_row()
+    states, prefill_rate = {}, {}
+    for ctx in contexts:
+        t0 = time.perf_counter()
+        states[ctx] = _context_state(model, ctx, device)
+        _sync(device)
+        prefill_rate[ctx] = ctx / (time.perf_counter() - t0)
+        print(f"context {ctx:,} bytes prefilled at {prefill_rate[ctx]:,.0f} B/s", flush=True)
+    rows = []
+    for mode in modes:
+        for batch in batches:
+            # One runner per (mode, batch): graphs are captured (and compiled) once, then each
+            # context's state is copied into every slot and decode is timed.
+            try:
+                cfg = EngineConfig(max_slots=batch, device=device, cuda_graphs=mode != "eager", compile=mode == "compile")
+                runner = Runner(model, cfg)
+                feeds = tuple(Feed(f"s{i}", i, bytes([65 + i % 26]), 1000, True) for i in range(batch))
+                plan = StepPlan((), feeds, (), ())
+                t0 = time.perf_counter()
+                _time_steps(runner, plan, 3 if mode == "eager" else 5)  # the first call captures/compiles
+                setup_s = time.perf_counter() - t0
+            except Exception as e:  # report, keep measuring the other points
+                for ctx in contexts:
+                    rows.append({"batch": batch, "mode": mode, "context": ctx, "error": f"{type(e).__name__}: {e}"[:400]})
+                print(f"batch {batch} {mode}: {type(e).__name__}: {str(e)[:300]}", flush=True)
+                continue
+            for ctx in contexts:
+                for k, v in runner.state.items():
+                    v.copy_(states[ctx][k].expand_as(v))
+                times = _time_steps(runner, plan, args.steps)
+                med = statistics.median(times)
+                replay = _replay_ms(runner, batch)
+                r = {
+                    "batch": batch, "mode": mode, "context": ctx, "step_ms": 1e3 * med,
+                    "step_ms_p99": 1e3 * pct(times, 0.99), "tokens_per_s": batch / med,
+                    "replay_ms": replay, "replay_tokens_per_s": batch / (replay / 1e3) if replay else None,
+                    "setup_s": setup_s, "prefill_bytes_per_s": prefill_rate[ctx],
+                }
+                rows.append(r)
+                extra = f"  replay {replay:.3f} ms ({batch / (replay / 1e3):,.0f} tok/s)" if replay else ""
+                print(f"{mode:<8} batch {batch:>5} ctx {ctx:>8,}: {1e3 * med:8.3f} ms/step {batch / med:>12,.0f} tok/s{extra}", flush=True)
+            del runner
+            if device.startswith("cuda"):
+                torch.cuda.empty_cache()
+    result = {
+        "bench": "engine.decode", "model": args.model, "device": device,
+        "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
+        "params": model.num_parameters(), "state_bytes_per_session": state_bytes, "rows": rows,
+    }
+    print(f"\n{args.model}: {model.num_parameters():,} params, state {state_bytes:,} B per session; tokens/s per engine step")
+    print(f"{'context':>9} {'batch':>6} " + " ".join(f"{m:>14}" for m in modes))
+    for ctx in contexts:
+        for batch in batches:
+            cells = []
+            for m in modes:
+                r = next(x for x in rows if x["context"] == ctx and x["batch"] == batch and x["mode"] == m)
+                cells.append(f"{r.get('tokens_per_s', float('nan')):>14,.0f}")
+            print(f"{ctx:>9,} {batch:>6} " + " ".join(cells))
+    return result
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--model", default="tiny", help="tiny, small, base, or a checkpoint directory")
+    p.add_argument("--sessions", type=int, default=64)
+    p.add_argument("--bytes", type=int, default=256, help="bytes each session generates")
+    p.add_argument("--prompt", type=int, default=64, help="prompt bytes per session")
+    p.add_argument("--batches", default=None, help="decode grid: comma-separated batch sizes")
+    p.add_argument("--contexts", default="1k", help="decode grid: comma-separated context lengths (1k, 32k, 128k)")
+    p.add_argument("--modes", default="eager,graph", help="decode grid: eager, graph, compile")
+    p.add_argument("--steps", type=int, default=50, help="decode grid: timed steps per point")
+    p.add_argument("--json", default=None, help="write the result here")
+
+
+def run(args: argparse.Namespace) -> int:
+    result = decode_grid(args) if args.batches else serve(args)
+    result["date"] = time.strftime("%Y-%m-%d")
+    result["torch"] = torch.__version__
+    if args.json:
+        Path(args.json).write_text(json.dumps(result, indent=2))
+        print(f"wrote {args.json}")
+    return 0
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    add_arguments(p)
+    return run(p.parse_args())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
