@@ -166,7 +166,7 @@ def _replay_ms(runner: Runner, batch: int) -> float | None:
 def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
     device = args.device
     if device.startswith("cuda"):
-        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.set_float32_matmul_precision("high")  # TF32 matmuls; states stay float32
     model = load_model(args.model, device)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [parse_size(c) for c in args.contexts.split(",")]

@@ -58,7 +58,7 @@ class Runner:
         self.graphs: DecodeGraphs | None = None
         decode_fn: Callable[[Tensor], Tensor] = self._decode_rows
         if cfg.compile:
-            decode_fn = torch.compile(decode_fn, mode="max-autotune-no-cudagraphs", dynamic=False)
+            decode_fn = torch.compile(decode_fn, dynamic=False)  # graphs are captured by DecodeGraphs
         self._decode_fn = decode_fn
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.graphs = DecodeGraphs(decode_fn, cfg.buckets, self.scratch, dev)
