@@ -18,6 +18,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import kernels
 from model.config import ModelConfig
 from model.layers import RMSNorm, ShortConv
 
@@ -126,6 +127,20 @@ class DeltaMixer(nn.Module):
         o, S = delta_rule_chunked(tr(q), tr(k), tr(v), tr(log_a), tr(b), None if state is None else state["S"], self.chunk)
         new = {"conv": conv, "S": S} if want_state else {}
         return self._output(x, o.transpose(1, 2)), new
+
+    def step_pool(self, x: Tensor, pool: State, slots: Tensor | None) -> Tensor:
+        """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
+        x (B, D) -> y (B, D). Fused on the GPU (one pass over S), eager elsewhere."""
+        if slots is None or not kernels.available(x):
+            cur = {k: v if slots is None else v.index_select(0, slots) for k, v in pool.items()}
+            y, new = self.step(x, cur)
+            for k, v in pool.items():
+                v.copy_(new[k]) if slots is None else v.index_copy_(0, slots, new[k])
+            return y
+        q, k, v, log_a, b, conv = self._project(x, pool["conv"].index_select(0, slots), step=True)
+        pool["conv"].index_copy_(0, slots, conv)
+        o = kernels.delta_step(q.contiguous(), k.contiguous(), v.contiguous(), log_a.exp().contiguous(), b.contiguous(), pool["S"], slots)
+        return self._output(x, o)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Recurrent form. x (B, D) -> y (B, D) and the next state."""

@@ -22,6 +22,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import kernels
 from model.config import ModelConfig
 from model.layers import ShortConv
 
@@ -131,6 +132,24 @@ class HyenaMixer(nn.Module):
             new = {"conv": conv, "s_re": n_re, "s_im": n_im}
         y = x2 * (y.transpose(1, 2) + self.skip * u.transpose(1, 2))
         return self.out_proj(y), new
+
+    def step_pool(self, x: Tensor, pool: State, slots: Tensor | None) -> Tensor:
+        """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
+        x (B, D) -> y (B, D). Fused on the GPU (one pass over the modal state), eager elsewhere."""
+        if slots is None or not kernels.available(x):
+            cur = {k: v if slots is None else v.index_select(0, slots) for k, v in pool.items()}
+            y, new = self.step(x, cur)
+            for k, v in pool.items():
+                v.copy_(new[k]) if slots is None else v.index_copy_(0, slots, new[k])
+            return y
+        z = self.in_proj(x)
+        z, conv = self.short.step(z, pool["conv"].index_select(0, slots))
+        pool["conv"].index_copy_(0, slots, conv)
+        x1, x2, v = z.chunk(3, dim=-1)
+        u = (x1 * v).contiguous()
+        l_re, l_im, r_re, r_im = (t.contiguous() for t in self.filter.poles())
+        y = kernels.modal_step(u, l_re, l_im, r_re, r_im, pool["s_re"], pool["s_im"], slots)
+        return self.out_proj(x2 * (y + self.skip * u))
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Recurrent form. x (B, D) -> y (B, D) and the next state."""

@@ -52,10 +52,9 @@ class MixBlock(nn.Module):
         x = x + y
         return x + self.mlp(self.norm2(x)), new
 
-    def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
-        y, new = self.mixer.step(self.norm1(x), state)
-        x = x + y
-        return x + self.mlp(self.norm2(x)), new
+    def step(self, x: Tensor, pool: State, slots: Tensor | None) -> Tensor:
+        x = x + self.mixer.step_pool(self.norm1(x), pool, slots)
+        return x + self.mlp(self.norm2(x))
 
 
 class ReadBlock(nn.Module):
@@ -184,19 +183,15 @@ class ByteLM(nn.Module):
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One byte per row: tokens (B,) -> logits (B, V) (and captured hidden (B, D)); `state`
         rows `slots` (or all rows) are updated in place."""
-        cur = _gather(state, slots)
         x = self.embed(tokens)  # (B, D)
-        new: State = {}
         capture = x
         for i, block in enumerate(self.blocks):
             if isinstance(block, ReadBlock):
                 x = block(x.unsqueeze(1), memory).squeeze(1)
             else:
-                x, ns = block.step(x, _sub(cur, i))
-                new.update({f"{i}.{k}": v for k, v in ns.items()})
+                x = block.step(x, _sub(state, i), slots)  # updates the pool rows in place
             if i == self.config.capture_layer:
                 capture = x
-        _scatter(state, slots, new)
         logits = self.head(self.norm(x))
         return (logits, capture) if return_hidden else logits
 
