@@ -47,6 +47,7 @@ def _train(args: argparse.Namespace) -> int:
     cfg = TrainConfig(
         steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
         segments=args.segments, seed=args.seed, grad_accum=args.grad_accum,
+        time_budget_s=60 * args.minutes,
     )
     docs = file_documents(args.text, doc_bytes=max(args.seq_len * 4, 1024), seed=args.seed)
 
@@ -54,7 +55,7 @@ def _train(args: argparse.Namespace) -> int:
         print(f"step {e.step:>6}  loss {e.loss:.4f}  lr {e.lr:.2e}  {e.bytes_per_s:,.0f} B/s", flush=True)  # type: ignore[attr-defined]
 
     train(model, pack(docs, cfg.batch_size, cfg.seq_len), cfg, on_log=log)
-    model.save(args.out)
+    model.save(args.out, dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32)
     print(f"saved {args.out}")
     return 0
 
@@ -89,6 +90,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--lr", type=float, default=3e-3)
     tr.add_argument("--seed", type=int, default=0)
     tr.add_argument("--device", default="auto")
+    tr.add_argument("--minutes", type=float, default=0.0, help="time budget (0: run all steps)")
+    tr.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32")
     tr.add_argument("--out", required=True, help="checkpoint directory to write")
     tr.set_defaults(func=_train)
 

@@ -24,10 +24,13 @@ class CheckpointError(ValueError):
     """A checkpoint that is missing, corrupt, of another format version, or of another shape."""
 
 
-def save_checkpoint(model: ByteLM, path: str | Path, extra: dict[str, object] | None = None) -> Path:
+def save_checkpoint(
+    model: ByteLM, path: str | Path, extra: dict[str, object] | None = None, dtype: torch.dtype = torch.float32
+) -> Path:
+    """Write weights (float32, or bfloat16 to halve the file; loading casts back to float32)."""
     out = Path(path)
     out.mkdir(parents=True, exist_ok=True)
-    tensors = {k: v.detach().contiguous().cpu() for k, v in model.state_dict().items()}
+    tensors = {k: v.detach().to(dtype).contiguous().cpu() for k, v in model.state_dict().items()}
     if model.config.tie_embeddings:
         tensors.pop("head.weight", None)
     tmp = out / (WEIGHTS + ".tmp")
@@ -79,7 +82,7 @@ def load_weights(path: str | Path, config: ModelConfig, device: torch.device | s
     for k, t in tensors.items():
         if t.shape != expected[k].shape:
             raise CheckpointError(f"{wfile}: {k} has shape {tuple(t.shape)}, config wants {tuple(expected[k].shape)}")
-    return tensors
+    return {k: t.float() for k, t in tensors.items()}
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> ByteLM:

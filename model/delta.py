@@ -48,7 +48,14 @@ def delta_rule_chunked(
     q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor | None, chunk: int
 ) -> tuple[Tensor, Tensor]:
     """Chunkwise-parallel gated delta rule; same arguments and result as delta_rule_recurrent
-    (S None means zeros)."""
+    (S None means zeros). Computes in float32 whatever autocast says: the triangular solve and
+    the carried state need it."""
+    with torch.autocast(q.device.type, enabled=False):
+        q, k, v, log_a, b = (t.float() for t in (q, k, v, log_a, b))
+        return _chunked(q, k, v, log_a, b, None if S is None else S.float(), chunk)
+
+
+def _chunked(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
     B, H, T, dk = k.shape
     dv = v.shape[-1]
     if S is None:

@@ -108,7 +108,15 @@ class HyenaMixer(nn.Module):
         B, T, D = x.shape
         z, conv = self.short(self.in_proj(x), None if state is None else state["conv"])
         x1, x2, v = z.chunk(3, dim=-1)
-        u = (x1 * v).transpose(1, 2)  # (B, D, T)
+        with torch.autocast(x.device.type, enabled=False):  # the long convolution in float32
+            y, new = self._long_conv((x1 * v).transpose(1, 2).float(), state, want_state)  # (B, D, T)
+        u = (x1 * v).float()
+        y = x2 * (y.transpose(1, 2) + self.skip * u)
+        return self.out_proj(y.to(x2.dtype)), {**new, "conv": conv} if want_state else {}
+
+    def _long_conv(self, u: Tensor, state: State | None, want_state: bool) -> tuple[Tensor, State]:
+        """u (B, D, T) -> h conv u plus the incoming state's contribution (B, D, T), new modal state."""
+        T = u.shape[-1]
         log_mag, theta, r_re, r_im = self.filter()
         p_re, p_im = modal_powers(log_mag, theta, T + 1)  # (D, N, T+1)
         h = torch.einsum("dn,dnt->dt", r_re, p_re[..., :T]) - torch.einsum("dn,dnt->dt", r_im, p_im[..., :T])
@@ -129,9 +137,8 @@ class HyenaMixer(nn.Module):
                 l_re, l_im = p_re[..., T], p_im[..., T]  # lambda^T (D, N)
                 n_re = n_re + l_re * s_re - l_im * s_im
                 n_im = n_im + l_re * s_im + l_im * s_re
-            new = {"conv": conv, "s_re": n_re, "s_im": n_im}
-        y = x2 * (y.transpose(1, 2) + self.skip * u.transpose(1, 2))
-        return self.out_proj(y), new
+            new = {"s_re": n_re, "s_im": n_im}
+        return y, new
 
     def step_pool(self, x: Tensor, pool: State, slots: Tensor | None) -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.

@@ -206,10 +206,10 @@ class ByteLM(nn.Module):
 
     # ----- checkpoints -----
 
-    def save(self, path: str) -> None:
+    def save(self, path: str, dtype: torch.dtype = torch.float32) -> None:
         from model.checkpoint import save_checkpoint
 
-        save_checkpoint(self, path)
+        save_checkpoint(self, path, dtype=dtype)
 
     @classmethod
     def load(cls, path: str, device: torch.device | str = "cpu") -> ByteLM:

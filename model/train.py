@@ -36,6 +36,7 @@ class TrainConfig:
     segments: int = 1  # >1: train through memory with run_segments over this many segments
     seed: int = 0  # data order and lag draws
     log_every: int = 25  # steps between log lines
+    time_budget_s: float = 0.0  # >0: stop by then; the schedule is fitted to the measured pace
 
 
 def pack(docs: Iterable[bytes], batch_size: int, seq_len: int) -> Iterator[torch.Tensor]:
@@ -104,9 +105,17 @@ def train(
     model.train()
     logs: list[StepLog] = []
     t0, seen = time.perf_counter(), 0
+    total_steps = cfg.steps
     for step in range(cfg.steps):
+        if step >= total_steps:
+            break
+        if cfg.time_budget_s > 0 and step == cfg.warmup + 5:
+            # Fit the cosine schedule to the steps the time budget allows at the measured pace.
+            pace = (time.perf_counter() - t0) / step
+            total_steps = max(step + 1, min(cfg.steps, int(cfg.time_budget_s / pace)))
+        sched = TrainConfig(**{**cfg.__dict__, "steps": total_steps})
         for g in opt.param_groups:
-            g["lr"] = lr_at(step, cfg)
+            g["lr"] = lr_at(step, sched)
         total = 0.0
         for _ in range(cfg.grad_accum):
             try:
@@ -121,7 +130,7 @@ def train(
         torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
         opt.step()
         opt.zero_grad(set_to_none=True)
-        if step % cfg.log_every == 0 or step == cfg.steps - 1:
+        if step % cfg.log_every == 0 or step == total_steps - 1:
             entry = StepLog(step, total, opt.param_groups[0]["lr"], seen / (time.perf_counter() - t0))
             logs.append(entry)
             if on_log:
