@@ -10,6 +10,7 @@ import pytest
 import torch
 
 from memory.config import MemoryConfig
+from model import ByteLM, ModelConfig
 from tests.nats_server import NatsServer
 
 
@@ -41,3 +42,10 @@ def one_torch_thread() -> Iterator[None]:
     torch.set_num_threads(1)
     yield
     torch.set_num_threads(n)
+
+
+@pytest.fixture
+def tiny_model() -> ByteLM:
+    """`tiny` with seeded random weights, in eval mode (the compressor the workers run)."""
+    torch.manual_seed(0)
+    return ByteLM(ModelConfig.named("tiny")).eval()

@@ -265,3 +265,50 @@ async def test_install_and_version_collection(
         assert ptr is not None and len(ptr.history) == mem_config.keep_versions - 1
         names = {o.name for o in await svc.bus.memory.list(ignore_deletes=True)}
         assert names == {ptr.object, *ptr.history}  # older versions were deleted
+
+
+WORKER_PROCESS = """
+import sys
+from memory.config import MemoryConfig
+from memory.service import run_worker_process
+from model import ModelConfig
+cfg = MemoryConfig(level_capacities=(16, 16, 16), merge_group=8, ack_wait_s=1.0,
+                   fetch_timeout_s=0.2, order_nak_delay_s=0.02, reconnect_wait_s=0.05)
+run_worker_process(sys.argv[1], ModelConfig.named("tiny"), config=cfg, workers=2)
+"""
+
+
+async def test_worker_process_applies_jobs_and_stops_on_sigterm(
+    nats_server: NatsServer, mem_config: MemoryConfig, tiny_model: ByteLM
+) -> None:
+    """`bwr worker` as its own process: the same tiny weights (seed 0); SIGTERM ends it."""
+    import signal
+    import subprocess
+    import sys
+
+    n = 6
+    async with await MemoryService.connect(
+        nats_server.url, TINY, model_compressor(tiny_model), mem_config
+    ) as svc:
+        for seq in range(n):
+            await svc.submit(job("proc", seq))
+        log = nats_server.root / "worker.log"
+        with open(log, "wb") as out:
+            proc = await anyio.open_process(
+                [sys.executable, "-c", WORKER_PROCESS, nats_server.url],
+                stdout=subprocess.DEVNULL,
+                stderr=out,
+            )
+            async with proc:
+                try:
+                    await wait_until(lambda: all_applied(svc, ["proc"], n), 60, "worker process")
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    with anyio.fail_after(20):
+                        code = await proc.wait()
+        assert code == 0, log.read_text(errors="replace")
+        got = await svc.latest("proc")
+        want = reference(svc, "proc", n)
+        assert got is not None and got.summary() == want.summary()  # same spans, seqs, counts
+        for a, b in zip(got.levels, want.levels, strict=True):  # same weights, other thread count
+            assert torch.allclose(a.buf.slots, b.buf.slots, atol=1e-5)
