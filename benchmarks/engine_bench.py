@@ -185,7 +185,10 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
             # One runner per (mode, batch): graphs are captured (and compiled) once, then each
             # context's state is copied into every slot and decode is timed.
             try:
-                cfg = EngineConfig(max_slots=batch, device=device, cuda_graphs=mode != "eager", compile=mode == "compile")
+                cfg = EngineConfig(
+                    max_slots=batch, device=device, cuda_graphs=mode != "eager", compile=mode.startswith("compile"),
+                    decode_dtype="bfloat16" if mode.endswith("bf16") else "float32",
+                )
                 runner = Runner(model, cfg)
                 feeds = tuple(Feed(f"s{i}", i, bytes([65 + i % 26]), 1000, True) for i in range(batch))
                 plan = StepPlan((), feeds, (), ())
@@ -240,7 +243,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--prompt", type=int, default=64, help="prompt bytes per session")
     p.add_argument("--batches", default=None, help="decode grid: comma-separated batch sizes")
     p.add_argument("--contexts", default="1k", help="decode grid: comma-separated context lengths (1k, 32k, 128k)")
-    p.add_argument("--modes", default="eager,graph", help="decode grid: eager, graph, compile")
+    p.add_argument("--modes", default="eager,graph", help="decode grid: eager, graph, compile, compile-bf16")
     p.add_argument("--steps", type=int, default=50, help="decode grid: timed steps per point")
     p.add_argument("--json", default=None, help="write the result here")
 

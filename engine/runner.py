@@ -23,6 +23,7 @@ from engine.sampling import sample
 from engine.scheduler import Feed, StepPlan
 from engine.types import SamplingParams
 from model import ByteLM, MemorySlots, age_bucket
+from model.decode_cache import build_decode_cache, refresh_decode_cache
 
 
 @dataclass(frozen=True)
@@ -55,6 +56,9 @@ class Runner:
         self.mem_written = torch.zeros(rows, M, dtype=torch.long, device=dev)  # segment each slot came from
         self.capture = capture_segments
         self.seg_buf = torch.zeros(rows, self.S, mc.d_model, device=dev) if capture_segments else None
+        # The fused decode reads poles, merged projections (and bf16 weights) from this cache.
+        dtype = torch.bfloat16 if cfg.decode_dtype == "bfloat16" else torch.float32
+        self.cache = build_decode_cache(self.model, dtype) if self.device.type == "cuda" else None
         self.graphs: DecodeGraphs | None = None
         decode_fn: Callable[[Tensor], Tensor] = self._decode_rows
         if cfg.compile:
@@ -115,7 +119,7 @@ class Runner:
         written back, and a sample for every row (rows with flag 0 do not advance their counter)."""
         tokens, slots, pos, flag = rows[0], rows[1], rows[2], rows[3]
         memory = self._memory_for(slots, pos)
-        logits, hidden = self.model.step(tokens, self.state, slots, memory, return_hidden=True)
+        logits, hidden = self.model.step(tokens, self.state, slots, memory, return_hidden=True, cache=self.cache)
         self.logits.index_copy_(0, slots, logits)
         if self.seg_buf is not None:
             self.seg_buf[slots, pos % self.S] = hidden
@@ -197,6 +201,8 @@ class Runner:
         params.update(dict(self.model.named_buffers()))
         for name, t in tensors.items():
             params[name].copy_(t)
+        if self.cache is not None:
+            refresh_decode_cache(self.model, self.cache)
 
     def state_rows(self, slot: int) -> dict[str, Tensor]:
         return {k: v[slot].clone() for k, v in self.state.items()}

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from model import kernels
 from model.config import ModelConfig
-from model.layers import RMSNorm, ShortConv
+from model.layers import RMSNorm, ShortConv, linear
 
 State = dict[str, Tensor]
 
@@ -135,19 +135,30 @@ class DeltaMixer(nn.Module):
         new = {"conv": conv, "S": S} if want_state else {}
         return self._output(x, o.transpose(1, 2)), new
 
-    def step_pool(self, x: Tensor, pool: State, slots: Tensor | None) -> Tensor:
+    def step_pool(self, x: Tensor, pool: State, slots: Tensor | None, cache: dict[str, Tensor] | None = None, key: str = "") -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
-        x (B, D) -> y (B, D). Fused on the GPU (one pass over S), eager elsewhere."""
-        if slots is None or not kernels.available(x):
+        x (B, D) -> y (B, D). Fused on the GPU (one pass over S, one matmul for all input
+        projections from the decode cache), eager elsewhere."""
+        if slots is None or cache is None or not kernels.available(x):
             cur = {k: v if slots is None else v.index_select(0, slots) for k, v in pool.items()}
             y, new = self.step(x, cur)
             for k, v in pool.items():
                 v.copy_(new[k]) if slots is None else v.index_copy_(0, slots, new[k])
             return y
-        q, k, v, log_a, b, conv = self._project(x, pool["conv"].index_select(0, slots), step=True)
+        D, H = x.shape[-1], self.heads
+        z = linear(x, cache[key + "in"], cache[key + "in_bias"])
+        qkv, a_logit, b_logit, gate = z.split([3 * D, H, H, D], dim=-1)
+        qkv, conv = self.short.step(qkv, pool["conv"].index_select(0, slots))
         pool["conv"].index_copy_(0, slots, conv)
-        o = kernels.delta_step(q.contiguous(), k.contiguous(), v.contiguous(), log_a.exp().contiguous(), b.contiguous(), pool["S"], slots)
-        return self._output(x, o)
+        q, k, v = F.silu(qkv).chunk(3, dim=-1)
+        shape = (x.shape[0], H, self.head_dim)
+        q = F.normalize(q.reshape(shape), dim=-1).contiguous()
+        k = F.normalize(k.reshape(shape), dim=-1).contiguous()
+        a = torch.sigmoid(a_logit).contiguous()
+        b = torch.sigmoid(b_logit).contiguous()
+        o = kernels.delta_step(q, k, v.reshape(shape).contiguous(), a, b, pool["S"], slots)
+        o = self.out_norm(o).flatten(-2)
+        return linear(o * F.silu(gate), cache[key + "out"])
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Recurrent form. x (B, D) -> y (B, D) and the next state."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from model import kernels
 from model.config import ModelConfig
-from model.layers import ShortConv
+from model.layers import ShortConv, linear
 
 State = dict[str, Tensor]
 
@@ -140,23 +140,24 @@ class HyenaMixer(nn.Module):
             new = {"s_re": n_re, "s_im": n_im}
         return y, new
 
-    def step_pool(self, x: Tensor, pool: State, slots: Tensor | None) -> Tensor:
+    def step_pool(self, x: Tensor, pool: State, slots: Tensor | None, cache: dict[str, Tensor] | None = None, key: str = "") -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
-        x (B, D) -> y (B, D). Fused on the GPU (one pass over the modal state), eager elsewhere."""
-        if slots is None or not kernels.available(x):
+        x (B, D) -> y (B, D). Fused on the GPU (one pass over the modal state, weights from the
+        decode cache), eager elsewhere."""
+        if slots is None or cache is None or not kernels.available(x):
             cur = {k: v if slots is None else v.index_select(0, slots) for k, v in pool.items()}
             y, new = self.step(x, cur)
             for k, v in pool.items():
                 v.copy_(new[k]) if slots is None else v.index_copy_(0, slots, new[k])
             return y
-        z = self.in_proj(x)
+        z = linear(x, cache[key + "in"])
         z, conv = self.short.step(z, pool["conv"].index_select(0, slots))
         pool["conv"].index_copy_(0, slots, conv)
         x1, x2, v = z.chunk(3, dim=-1)
         u = (x1 * v).contiguous()
-        l_re, l_im, r_re, r_im = (t.contiguous() for t in self.filter.poles())
+        l_re, l_im, r_re, r_im = cache[key + "poles"].unbind(0)
         y = kernels.modal_step(u, l_re, l_im, r_re, r_im, pool["s_re"], pool["s_im"], slots)
-        return self.out_proj(x2 * (y + self.skip * u))
+        return linear(x2 * (y + self.skip * u), cache[key + "out"])
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Recurrent form. x (B, D) -> y (B, D) and the next state."""

@@ -58,3 +58,9 @@ class ShortConv(nn.Module):
         full = torch.cat([state, x.unsqueeze(-1)], dim=-1)  # (B, C, K)
         y = (full * self.weight).sum(-1) + self.bias
         return y, full[..., 1:]
+
+
+def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
+    """x @ w.T computed in w's dtype (bfloat16 decode weights), result in float32."""
+    y = F.linear(x.to(w.dtype), w).float()
+    return y + bias if bias is not None else y

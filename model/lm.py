@@ -25,13 +25,15 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
+import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.compressor import SegmentCompressor
 from model.config import ModelConfig
 from model.delta import DeltaMixer
 from model.hyena import HyenaMixer
-from model.layers import RMSNorm, SwiGLU
+from model.decode_cache import DecodeCache
+from model.layers import RMSNorm, SwiGLU, linear
 from model.memread import MemoryRead, MemorySlots
 
 State = dict[str, Tensor]
@@ -52,9 +54,12 @@ class MixBlock(nn.Module):
         x = x + y
         return x + self.mlp(self.norm2(x)), new
 
-    def step(self, x: Tensor, pool: State, slots: Tensor | None) -> Tensor:
-        x = x + self.mixer.step_pool(self.norm1(x), pool, slots)
-        return x + self.mlp(self.norm2(x))
+    def step(self, x: Tensor, pool: State, slots: Tensor | None, cache: DecodeCache | None, key: str) -> Tensor:
+        x = x + self.mixer.step_pool(self.norm1(x), pool, slots, cache, key)
+        if cache is None or slots is None or not x.is_cuda:
+            return x + self.mlp(self.norm2(x))
+        gate, up = linear(self.norm2(x), cache[key + "up"]).chunk(2, dim=-1)
+        return x + linear(F.silu(gate) * up, cache[key + "down"])
 
 
 class ReadBlock(nn.Module):
@@ -180,19 +185,22 @@ class ByteLM(nn.Module):
         memory: MemorySlots | None = None,
         *,
         return_hidden: bool = False,
+        cache: DecodeCache | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One byte per row: tokens (B,) -> logits (B, V) (and captured hidden (B, D)); `state`
-        rows `slots` (or all rows) are updated in place."""
+        rows `slots` (or all rows) are updated in place. With a decode cache (see
+        decode_cache.py) and slots on a GPU, the fused path runs."""
         x = self.embed(tokens)  # (B, D)
         capture = x
         for i, block in enumerate(self.blocks):
             if isinstance(block, ReadBlock):
                 x = block(x.unsqueeze(1), memory).squeeze(1)
             else:
-                x = block.step(x, _sub(state, i), slots)  # updates the pool rows in place
+                x = block.step(x, _sub(state, i), slots, cache, f"{i}.")  # updates the pool rows in place
             if i == self.config.capture_layer:
                 capture = x
-        logits = self.head(self.norm(x))
+        fused = cache is not None and slots is not None and x.is_cuda
+        logits = linear(self.norm(x), cache["head"]) if fused else self.head(self.norm(x))
         return (logits, capture) if return_hidden else logits
 
     # ----- memory -----
