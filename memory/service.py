@@ -26,7 +26,7 @@ from memory.bus import Bus, consolidate_subject, memory_key, session_of
 from memory.config import MemoryConfig
 from memory.jobs import ConsolidateJob, MemoryPointer, decode_pointer, encode_job, encode_json
 from memory.store import CompressFn, SessionMemory
-from memory.worker import TRANSIENT, Worker, next_pointer, object_name
+from memory.worker import TRANSIENT, Worker, collect, next_pointer, object_name
 from model import ByteLM, ModelConfig
 
 log = logging.getLogger("bwr.memory")
@@ -146,6 +146,8 @@ class MemoryService:
         ptr = next_pointer(memory, name, old, self.config.keep_versions)
         await self.bus.sessions.put(memory_key(session), encode_json(ptr))
         self._cache_put(session, name, memory)
+        if old is not None:
+            await collect(self.bus, old, ptr)
         return ptr
 
     # ----- the read side -----

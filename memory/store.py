@@ -175,9 +175,13 @@ class SessionMemory:
                 f"span {span}: must be non-empty and start at or after byte {self.newest_end}"
             )
         seg = seq if segment is None else segment
-        work = [lvl.rows for lvl in self.levels]
+        before = [lvl.rows for lvl in self.levels]
+        work = list(before)
         self._push(work, 0, self._rows(slots, start, end, seg), compress)
-        levels = tuple(lvl.with_rows(r) for lvl, r in zip(self.levels, work, strict=True))
+        levels = tuple(  # a level the segment did not reach is shared with this version
+            lvl if r is b else lvl.with_rows(r)
+            for lvl, r, b in zip(self.levels, work, before, strict=True)
+        )
         return replace(self, levels=levels, version=self.version + 1, last_seq=seq)
 
     def skip(self, seq: int) -> SessionMemory:

@@ -16,6 +16,7 @@ names (bus.py), the policy (store.py) or the service the workers run in (service
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import secrets
 from typing import TYPE_CHECKING, Any
@@ -41,6 +42,7 @@ from memory.jobs import (
 from memory.store import SessionMemory
 
 if TYPE_CHECKING:
+    from memory.bus import Bus
     from memory.service import MemoryService
 
 log = logging.getLogger("bwr.memory")
@@ -191,7 +193,7 @@ class Worker:
             await self._ack(msg)
             life.to(JobState.ACKED)
             if ptr is not None:
-                await _quietly(self._collect(ptr, new_ptr))
+                await _quietly(collect(self.bus, ptr, new_ptr))
             return
 
     def _wait_delay(self, msg: Msg) -> float:
@@ -231,12 +233,6 @@ class Worker:
         notice = MemoryUpdated(session, ptr.version, ptr.last_seq, ptr.object)
         await self.bus.nc.publish(updated_subject(session), encode_json(notice))
 
-    async def _collect(self, old: MemoryPointer, new: MemoryPointer) -> None:
-        """Delete the versions that fell out of the kept window (keep_versions)."""
-        for name in (*old.history, old.object):
-            if name not in new.history and name != new.object:
-                await self.bus.memory.delete(name)
-
     async def _ack(self, msg: Msg) -> None:
         """Ack a job (a seam: tests replace it to crash between commit and ack)."""
         await msg.ack()
@@ -254,6 +250,14 @@ def next_pointer(
     return MemoryPointer(
         memory.version, memory.last_seq, name, memory.slot_count, memory.nbytes(), kept
     )
+
+
+async def collect(bus: Bus, old: MemoryPointer, new: MemoryPointer) -> None:
+    """Delete the versions that fell out of the kept window (keep_versions) when old -> new."""
+    for name in (*old.history, old.object):
+        if name not in new.history and name != new.object:
+            with contextlib.suppress(ObjectNotFoundError):
+                await bus.memory.delete(name)
 
 
 async def _quietly(aw: Any) -> None:

@@ -168,7 +168,15 @@ def test_memory_bound_and_footprint_constant_once_full() -> None:
         mem = mem.apply_segment(i, torch.randn(M, D), (i * 8, i * 8 + 8), mean_compress)
         sizes.append(mem.nbytes())
         assert mem.slot_count <= 48
+    per_level = 16 * (D * 4 + 3 * 8)  # a level's buffer: slots and three int64 fields
+    assert sizes[0] == per_level  # only level 1 is written at first
+    assert sorted(set(sizes)) == [per_level, 2 * per_level, 3 * per_level]  # levels as reached
     assert len(set(sizes[100:])) == 1  # every level allocated: a constant footprint
+    if mem.levels[0].count + M > 16:  # make room in level 1 so the next segment stays there
+        mem = mem.apply_segment(300, torch.randn(M, D), (2400, 2408), mean_compress)
+    after = mem.apply_segment(mem.last_seq + 1, torch.randn(M, D), (2408, 2416), mean_compress)
+    assert after.levels[0].count == mem.levels[0].count + M
+    assert after.levels[1] is mem.levels[1] and after.levels[2] is mem.levels[2]  # shared
 
 
 def test_with_the_tiny_model_compressor() -> None:

@@ -265,6 +265,9 @@ async def test_install_and_version_collection(
         assert ptr is not None and len(ptr.history) == mem_config.keep_versions - 1
         names = {o.name for o in await svc.bus.memory.list(ignore_deletes=True)}
         assert names == {ptr.object, *ptr.history}  # older versions were deleted
+        again = await svc.install("res", got)  # an install collects the same way
+        names = {o.name for o in await svc.bus.memory.list(ignore_deletes=True)}
+        assert names == {again.object, ptr.object} and again.history == (ptr.object,)
 
 
 WORKER_PROCESS = """
