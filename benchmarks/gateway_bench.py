@@ -114,7 +114,7 @@ async def _clients(url: str, sessions: int, nbytes: int, binary: bool) -> dict[s
 
         text = PROMPT.decode()
         t0 = time.perf_counter()
-        for i, ws in enumerate(socks):
+        for ws in socks:
             await ws.send(json.dumps({"type": "input", "text": text, "max_bytes": nbytes}))
         await asyncio.gather(*(one(i, ws, t0) for i, ws in enumerate(socks)))
         wall = time.perf_counter() - t0
@@ -183,8 +183,8 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
 
 def report(r: dict[str, Any]) -> None:
     print(
-        f"gateway bench: {r['model']} on {r['device']}, {r['sessions']} WebSocket clients x {r['bytes']} bytes, "
-        f"prompt {r['prompt']} B, {r['rounds']} rounds (median)"
+        f"gateway bench: {r['model']} on {r['device']}, {r['sessions']} WebSocket clients"
+        f" x {r['bytes']} bytes, prompt {r['prompt']} B, {r['rounds']} rounds (median)"
     )
     print(f"{'path':<22} {'bytes/s':>10} {'seconds':>9} {'TTFT p50':>10} {'TTFT p99':>10}")
     for name, runs, rate in (
@@ -192,8 +192,10 @@ def report(r: dict[str, Any]) -> None:
         ("gateway (WebSocket)", r["gateway"], r["gateway_bytes_per_s"]),
     ):
         mid = sorted(runs, key=lambda x: x["tokens_per_s"])[len(runs) // 2]
+        ttft = mid["ttft_ms"]
         print(
-            f"{name:<22} {rate:>10,.0f} {mid['seconds']:>9.2f} {mid['ttft_ms']['p50']:>8.1f}ms {mid['ttft_ms']['p99']:>8.1f}ms"
+            f"{name:<22} {rate:>10,.0f} {mid['seconds']:>9.2f}"
+            f" {ttft['p50']:>8.1f}ms {ttft['p99']:>8.1f}ms"
         )
     verdict = "meets" if r["ratio"] >= r["target"] else "misses"
     print(f"gateway / raw: {100 * r['ratio']:.1f}% ({verdict} the {100 * r['target']:.0f}% target)")

@@ -1,12 +1,13 @@
 """The `bwr` command line: the one entry point that reads argv and the environment.
 
-Subcommands: model info, train, bench, up, chat, ingest, worker, eval (those whose package has
-not landed yet say so and exit non-zero).
+Subcommands: model info, train, bench (engine, gateway), up, chat; ingest, worker and eval come
+with their packages.
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import sys
 from collections.abc import Callable, Sequence
 
@@ -25,7 +26,8 @@ def _model_info(args: argparse.Namespace) -> int:
 
         with torch.device("meta"):
             m = ByteLM(cfg)
-        print(f"{name:<10} {m.num_parameters():>12,} {cfg.d_model:>6} {cfg.layout:<16} {m.state_bytes_per_row():>12,} B")
+        params, state = m.num_parameters(), m.state_bytes_per_row()
+        print(f"{name:<10} {params:>12,} {cfg.d_model:>6} {cfg.layout:<16} {state:>12,} B")
     return 0
 
 
@@ -33,10 +35,13 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from model import ByteLM, ModelConfig
-    from model.train import TrainConfig, file_documents, pack, train
+    from model.train import StepLog, TrainConfig, file_documents, pack, train
 
     if args.text is None:
-        print("bwr train: --text FILE is required (the NATS consumer comes with --nats-url)", file=sys.stderr)
+        print(
+            "bwr train: --text FILE is required (the NATS consumer comes with --nats-url)",
+            file=sys.stderr,
+        )
         return 2
     torch.manual_seed(args.seed)
     device = _pick_device(args.device)
@@ -45,14 +50,22 @@ def _train(args: argparse.Namespace) -> int:
     else:
         model = ByteLM(ModelConfig.named(args.config)).to(device)
     cfg = TrainConfig(
-        steps=args.steps, batch_size=args.batch_size, seq_len=args.seq_len, lr=args.lr,
-        segments=args.segments, seed=args.seed, grad_accum=args.grad_accum,
+        steps=args.steps,
+        batch_size=args.batch_size,
+        seq_len=args.seq_len,
+        lr=args.lr,
+        segments=args.segments,
+        seed=args.seed,
+        grad_accum=args.grad_accum,
         time_budget_s=60 * args.minutes,
     )
     docs = file_documents(args.text, doc_bytes=max(args.seq_len * 4, 1024), seed=args.seed)
 
-    def log(e: object) -> None:
-        print(f"step {e.step:>6}  loss {e.loss:.4f}  lr {e.lr:.2e}  {e.bytes_per_s:,.0f} B/s", flush=True)  # type: ignore[attr-defined]
+    def log(e: StepLog) -> None:
+        print(
+            f"step {e.step:>6}  loss {e.loss:.4f}  lr {e.lr:.2e}  {e.bytes_per_s:,.0f} B/s",
+            flush=True,
+        )
 
     train(model, pack(docs, cfg.batch_size, cfg.seq_len), cfg, on_log=log)
     model.save(args.out, dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32)
@@ -85,7 +98,9 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--steps", type=int, default=300)
     tr.add_argument("--batch-size", type=int, default=16)
     tr.add_argument("--seq-len", type=int, default=256)
-    tr.add_argument("--segments", type=int, default=1, help="train through memory over this many segments")
+    tr.add_argument(
+        "--segments", type=int, default=1, help="train through memory over this many segments"
+    )
     tr.add_argument("--grad-accum", type=int, default=1)
     tr.add_argument("--lr", type=float, default=3e-3)
     tr.add_argument("--seed", type=int, default=0)
@@ -102,7 +117,108 @@ def build_parser() -> argparse.ArgumentParser:
 
     add_arguments(be)
     be.set_defaults(func=_bench_engine)
+    bg = bsub.add_parser("gateway", help="bytes/s delivered to WebSocket clients vs the raw engine")
+    from benchmarks.gateway_bench import add_arguments as add_gateway_arguments
+
+    add_gateway_arguments(bg)
+    bg.set_defaults(func=_bench_gateway)
+
+    upp = sub.add_parser("up", help="start the stack: embedded NATS, the engine, the gateway")
+    upp.add_argument(
+        "--host", default="127.0.0.1", help="address to bind (non-loopback needs --api-key)"
+    )
+    upp.add_argument("--port", type=int, default=8000, help="TCP port (0: any free port)")
+    upp.add_argument(
+        "--nats-url", default=None, help="use this NATS server instead of starting one"
+    )
+    upp.add_argument(
+        "--model", default=None, help="tiny, small, base (random weights) or a checkpoint directory"
+    )
+    upp.add_argument("--device", default="auto", help="auto, cpu, cuda, cuda:1, ...")
+    upp.add_argument(
+        "--data-dir", default=".data", help="local state (the embedded nats-server's store)"
+    )
+    upp.add_argument(
+        "--api-key",
+        action="append",
+        default=None,
+        help="bearer key clients must send (repeatable; env BWR_API_KEY, comma-separated)",
+    )
+    upp.add_argument("--max-sessions", type=int, default=64, help="live sessions at once")
+    upp.add_argument(
+        "--max-sessions-per-key",
+        type=int,
+        default=None,
+        help="live sessions per API key or client address",
+    )
+    upp.add_argument(
+        "--detach-timeout",
+        type=float,
+        default=300.0,
+        help="seconds a disconnected session stays resumable",
+    )
+    upp.add_argument(
+        "--drain", type=float, default=10.0, help="seconds running turns get to finish on SIGTERM"
+    )
+    upp.add_argument("--no-uvloop", action="store_true", help="run on the stdlib asyncio loop")
+    upp.set_defaults(func=_up)
+
+    ch = sub.add_parser("chat", help="stream a session in the terminal")
+    ch.add_argument(
+        "--url",
+        default="ws://127.0.0.1:8000",
+        help="gateway URL (ws://, http://, or a full stream URL)",
+    )
+    ch.add_argument("--api-key", default=None, help="bearer key (env BWR_API_KEY)")
+    ch.add_argument("--max-bytes", type=int, default=256, help="bytes generated per turn")
+    ch.add_argument("--temperature", type=float, default=0.8)
+    ch.add_argument(
+        "--raw", action="store_true", help="send lines as they are (no User:/Assistant: transcript)"
+    )
+    ch.set_defaults(func=_chat)
     return p
+
+
+def _api_keys(flag: list[str] | None) -> tuple[str, ...]:
+    """--api-key (repeatable) wins over BWR_API_KEY (comma-separated); empty entries dropped."""
+    if flag:
+        return tuple(k for k in flag if k)
+    return tuple(k.strip() for k in os.environ.get("BWR_API_KEY", "").split(",") if k.strip())
+
+
+def _up(args: argparse.Namespace) -> int:
+    from gateway.config import GatewayConfig
+    from gateway.serve import up
+
+    try:
+        cfg = GatewayConfig(
+            host=args.host,
+            port=args.port,
+            api_keys=_api_keys(args.api_key),
+            nats_url=args.nats_url,
+            data_dir=args.data_dir,
+            max_sessions=args.max_sessions,
+            max_sessions_per_key=args.max_sessions_per_key or args.max_sessions,
+            detach_timeout_s=args.detach_timeout,
+            drain_s=args.drain,
+        )
+    except ValueError as e:
+        print(f"bwr up: {e}", file=sys.stderr)
+        return 2
+    return up(cfg, args.model, args.device, use_uvloop=not args.no_uvloop)
+
+
+def _chat(args: argparse.Namespace) -> int:
+    from gateway.chat import chat
+
+    key = args.api_key or (_api_keys(None) or (None,))[0]
+    return chat(args.url, key, max_bytes=args.max_bytes, temperature=args.temperature, raw=args.raw)
+
+
+def _bench_gateway(args: argparse.Namespace) -> int:
+    from benchmarks.gateway_bench import run
+
+    return run(args)
 
 
 def _bench_engine(args: argparse.Namespace) -> int:

@@ -1,0 +1,248 @@
+"""serve.py is `bwr up`: it resolves the model, starts an embedded nats-server (unless a NATS URL
+is given), runs the gateway app (which owns the engine) under uvicorn on uvloop, prints the URLs,
+and on SIGTERM or Ctrl-C drains (no new sessions or turns, running turns finish up to drain_s),
+stops the server and the engine, then the nats-server it started. A second signal forces exit.
+
+serve.py never parses argv (cli.py does) and never serves a route (app.py does).
+"""
+
+from __future__ import annotations
+
+import asyncio
+import contextlib
+import logging
+import signal
+import socket
+import sys
+from collections.abc import Generator
+from dataclasses import replace
+from pathlib import Path
+from typing import Any
+
+import uvicorn
+
+from gateway.config import GatewayConfig
+from gateway.natsd import NatsServer, NatsServerError
+
+log = logging.getLogger("bwr.up")
+
+REPO = Path(__file__).resolve().parents[1]
+DEFAULT_CHECKPOINT = Path("checkpoints") / "default"
+
+
+def default_checkpoint() -> Path | None:
+    for root in (Path.cwd(), REPO):
+        if (root / DEFAULT_CHECKPOINT / "config.json").is_file():
+            return root / DEFAULT_CHECKPOINT
+    return None
+
+
+def resolve_model(spec: str | None, device: str) -> tuple[Any, dict[str, Any], str | None]:
+    """-> (model on device, info for /v1/info, a warning for people or None)."""
+    import torch
+
+    from model import ByteLM, ModelConfig
+    from model.config import PRESETS
+
+    warning = None
+    if spec is None:
+        found = default_checkpoint()
+        if found is None:
+            spec = "tiny"
+            warning = (
+                f"no trained checkpoint at {DEFAULT_CHECKPOINT}/: serving the `tiny` config"
+                " with RANDOM weights (its output is noise)."
+                " Train one with `bwr train` or pass --model PATH."
+            )
+        else:
+            spec = str(found)
+    if spec in PRESETS:
+        if warning is None:
+            warning = (
+                f"--model {spec}: a named config gets RANDOM weights (its output is noise);"
+                " pass a checkpoint directory for a trained model"
+            )
+        torch.manual_seed(0)
+        model = ByteLM(ModelConfig.named(spec)).to(device).eval()
+        name, checkpoint = spec, None
+    elif Path(spec).is_dir():
+        model = ByteLM.load(spec, device).eval()
+        name, checkpoint = Path(spec).name, str(Path(spec).resolve())
+    else:
+        raise SystemExit(
+            f"bwr up: --model {spec!r} is neither a named config"
+            f" ({', '.join(sorted(PRESETS))}) nor a checkpoint directory"
+        )
+    info = {
+        "model": name,
+        "checkpoint": checkpoint,
+        "random_weights": checkpoint is None,
+        "device": device,
+        "params": model.num_parameters(),
+        "config": model.config.to_dict(),
+    }
+    return model, info, warning
+
+
+def bind_socket(host: str, port: int) -> socket.socket:
+    family = socket.AF_INET6 if ":" in host else socket.AF_INET
+    sock = socket.socket(family, socket.SOCK_STREAM)
+    sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
+    try:
+        sock.bind((host.strip("[]"), port))
+    except OSError:
+        sock.close()
+        raise
+    sock.set_inheritable(True)
+    return sock
+
+
+class Server(uvicorn.Server):
+    """uvicorn's server with the gateway's signal handling: first signal drains, second forces."""
+
+    def __init__(self, config: uvicorn.Config, drain: Any, drain_s: float) -> None:
+        super().__init__(config)
+        self._drain = drain
+        self._drain_s = drain_s
+        self._draining = False
+        self._drain_task: asyncio.Task[None] | None = None
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Generator[None, None, None]:
+        loop = asyncio.get_running_loop()
+        for sig in (signal.SIGINT, signal.SIGTERM):
+            loop.add_signal_handler(sig, self._on_signal, sig)
+        try:
+            yield
+        finally:
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                loop.remove_signal_handler(sig)
+
+    def _on_signal(self, sig: int) -> None:
+        if self._draining:
+            print("bwr up: second signal, stopping now", file=sys.stderr, flush=True)
+            self.should_exit = self.force_exit = True
+            return
+        self._draining = True
+        print(
+            f"bwr up: {signal.Signals(sig).name}: draining"
+            f" (up to {self._drain_s:.0f} s; again to force)",
+            file=sys.stderr,
+            flush=True,
+        )
+        self._drain_task = asyncio.ensure_future(self._drain_then_exit())
+
+    async def _drain_then_exit(self) -> None:
+        try:
+            await self._drain(self._drain_s)
+        finally:
+            self.should_exit = True
+
+
+def banner(cfg: GatewayConfig, port: int, nats: NatsServer | None) -> str:
+    host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
+    base = f"http://{host}:{port}"
+    lines = [
+        f"bwr up: gateway listening on {base}",
+        f"  dashboard   {base}/",
+        f"  websocket   ws://{host}:{port}/v1/stream",
+        f"  openai      {base}/v1/chat/completions",
+        f"  metrics     {base}/metrics",
+    ]
+    if nats is not None:
+        lines.append(
+            f"  nats        {cfg.nats_url} (embedded, pid {nats.pid}, data {nats.data_dir})"
+        )
+    else:
+        lines.append(f"  nats        {cfg.nats_url or 'off'}")
+    lines.append(f"  auth        {'API key required' if cfg.auth else 'off (loopback only)'}")
+    return "\n".join(lines)
+
+
+async def _serve(
+    app: Any, cfg: GatewayConfig, sock: socket.socket, nats: NatsServer | None
+) -> bool:
+    config = uvicorn.Config(
+        app,
+        lifespan="on",
+        ws="websockets-sansio",
+        http="httptools",
+        ws_max_size=cfg.ws_max_size,
+        log_level="warning",
+        access_log=False,
+        timeout_graceful_shutdown=5,
+    )
+    gw = app.state.gateway
+    server = Server(config, gw.drain, cfg.drain_s)
+    task = asyncio.create_task(server.serve(sockets=[sock]))
+    while not server.started and not task.done():
+        await asyncio.sleep(0.02)
+    if server.started:
+        print(banner(cfg, sock.getsockname()[1], nats), flush=True)
+    await task
+    return server.started
+
+
+def _terminate(sig: int, frame: object) -> None:
+    raise KeyboardInterrupt
+
+
+def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: bool = True) -> int:
+    problem = cfg.bind_problem()
+    if problem is not None:
+        print(f"bwr up: {problem}", file=sys.stderr)
+        return 2
+    try:
+        sock = bind_socket(cfg.host, cfg.port)
+    except OSError as e:
+        print(f"bwr up: cannot bind {cfg.host}:{cfg.port}: {e.strerror or e}", file=sys.stderr)
+        return 1
+    # Until the server's own handlers are in place, SIGTERM unwinds like Ctrl-C so the finally
+    # below still stops the nats-server this process started.
+    signal.signal(signal.SIGTERM, _terminate)
+    logging.basicConfig(
+        level=logging.INFO,
+        format="%(asctime)s %(name)s %(levelname)s %(message)s",
+        stream=sys.stderr,
+    )
+    for noisy in ("nats", "bwr.events"):
+        logging.getLogger(noisy).setLevel(logging.WARNING)
+    nats: NatsServer | None = None
+    try:
+        if device == "auto":
+            import torch
+
+            device = "cuda" if torch.cuda.is_available() else "cpu"
+        model, info, warning = resolve_model(model_spec, device)
+        if warning:
+            print(f"bwr up: WARNING: {warning}", file=sys.stderr, flush=True)
+        if cfg.nats_url is None:
+            nats = NatsServer(Path(cfg.data_dir) / "nats")
+            try:
+                cfg = replace(cfg, nats_url=nats.start())
+            except NatsServerError as e:
+                print(f"bwr up: {e}; serving without NATS", file=sys.stderr, flush=True)
+                nats = None
+        from engine import EngineConfig
+        from gateway.app import create_app, package_version
+
+        info.update(version=package_version(), nats_embedded=nats is not None)
+        cfg = replace(cfg, model_name=str(info["model"]))
+        app = create_app(
+            cfg, model, EngineConfig(max_slots=cfg.max_sessions, device=device), info=info
+        )
+        if use_uvloop:
+            import uvloop
+
+            with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
+                started = runner.run(_serve(app, cfg, sock, nats))
+        else:
+            started = asyncio.run(_serve(app, cfg, sock, nats))
+    except KeyboardInterrupt:
+        started = False
+    finally:
+        sock.close()
+        if nats is not None:
+            nats.stop()
+    print("bwr up: stopped", file=sys.stderr, flush=True)
+    return 0 if started else 1
