@@ -2,7 +2,7 @@
 sampling on the device), collectors. It knows neither NATS nor HTTP."""
 
 from engine.config import EngineConfig
-from engine.engine import Engine, MemoryHooks, MemoryUpdate, Session
+from engine.engine import Engine, MemoryHooks, MemoryUpdate, Session, SessionSnapshot
 from engine.types import (
     Busy, Delta, Done, EngineError, FinishReason, IncompatibleWeights, InputTooLarge, MemoryNotice,
     SamplingParams, SessionClosed, ShuttingDown, UnknownSession, Usage,
@@ -10,6 +10,6 @@ from engine.types import (
 
 __all__ = [
     "Busy", "Delta", "Done", "Engine", "EngineConfig", "EngineError", "FinishReason", "IncompatibleWeights",
-    "InputTooLarge", "MemoryHooks", "MemoryNotice", "MemoryUpdate", "SamplingParams", "Session", "SessionClosed",
+    "InputTooLarge", "MemoryHooks", "MemoryNotice", "MemoryUpdate", "SamplingParams", "Session", "SessionClosed", "SessionSnapshot",
     "ShuttingDown", "UnknownSession", "Usage",
 ]

@@ -57,6 +57,20 @@ class MemoryHooks(Protocol):
         ...
 
 
+@dataclass(frozen=True)
+class SessionSnapshot:
+    """Everything a session needs to continue bit-exactly elsewhere (memory is saved apart)."""
+
+    session: str
+    state: dict[str, Tensor]  # recurrent state rows, on the host
+    logits: Tensor  # (V,) logits of the last byte read
+    seed: int  # sampling seed and counter: same seed, same bytes
+    counter: int
+    context_bytes: int  # bytes read so far
+    pending: bytes  # bytes queued but not read yet (e.g. the last sampled byte)
+    memory_version: int = -1  # memory version the session read (-1: none)
+
+
 @dataclass
 class _TurnClock:
     submitted: float
@@ -117,6 +131,8 @@ class Engine:
         self._stopped = asyncio.Event()
         self.memory_versions: dict[str, int] = {}
         self._sampling_updates: list[tuple[int, SamplingParams, int, bool]] = []
+        self._restores: list[tuple[int, SessionSnapshot]] = []
+        self._snapshot_waiters: list[tuple[str, asyncio.Future[SessionSnapshot]]] = []
 
     @property
     def model(self) -> ByteLM:
@@ -151,15 +167,22 @@ class Engine:
 
     # ----- caller API (event loop only) -----
 
-    def open(self, sid: str | None = None, *, binary: bool = False) -> Session:
-        """Open a session (id: unguessable unless given); raises Busy when no slot is free."""
+    def open(self, sid: str | None = None, *, binary: bool = False, restore: SessionSnapshot | None = None) -> Session:
+        """Open a session (id: unguessable unless given), fresh or from a snapshot; raises Busy
+        when no slot is free."""
         if self._closing:
             raise ShuttingDown("the engine is shutting down")
-        sid = sid or secrets.token_urlsafe(18)
+        sid = sid or (restore.session if restore else secrets.token_urlsafe(18))
         if sid in self.sessions:
             raise Busy(f"session {sid} is already open")
         try:
-            self.scheduler.admit(sid)
+            if restore is None:
+                self.scheduler.admit(sid)
+            else:
+                slot = self.scheduler.adopt(sid, restore.context_bytes, restore.pending, has_logits=restore.context_bytes > 0)
+                self._restores.append((slot, restore))  # loaded before the next step
+                if restore.memory_version >= 0:
+                    self.memory_versions[sid] = restore.memory_version
         except LookupError:
             raise Busy(f"all {self.config.max_slots} session slots are in use") from None
         collector = Collector(binary=binary, lag_limit=self.config.lag_limit, on_lag=lambda lag: self._on_lag(sid, lag))
@@ -215,6 +238,32 @@ class Engine:
         self.memory_versions.pop(session.id, None)
         self.metrics.sessions = len(self.sessions)
         self._wake.set()
+
+    async def snapshot(self, sid: str) -> SessionSnapshot:
+        """The session's state, taken between steps (never while a step may write it)."""
+        self.get(sid)
+        fut: asyncio.Future[SessionSnapshot] = asyncio.get_running_loop().create_future()
+        self._snapshot_waiters.append((sid, fut))
+        self._wake.set()
+        if self._task is None or self._task.done():
+            self._serve_snapshots()
+        return await fut
+
+    def _serve_snapshots(self) -> None:
+        for sid, fut in self._snapshot_waiters:
+            seq = self.scheduler.seqs.get(sid)
+            if fut.done():
+                continue
+            if seq is None:
+                fut.set_exception(UnknownSession(f"no open session {sid!r}"))
+                continue
+            r = self.runner
+            fut.set_result(SessionSnapshot(
+                session=sid, state={k: v.cpu() for k, v in r.state_rows(seq.slot).items()},
+                logits=r.logits[seq.slot].cpu(), seed=int(r.seed[seq.slot]), counter=int(r.counter[seq.slot]),
+                context_bytes=seq.fed, pending=bytes(seq.pending), memory_version=self.memory_versions.get(sid, -1),
+            ))
+        self._snapshot_waiters.clear()
 
     def _on_lag(self, sid: str, lagging: bool) -> None:
         if sid in self.scheduler.seqs:
@@ -279,6 +328,11 @@ class Engine:
             await asyncio.sleep(0)  # let consumers and sockets run between steps
 
     def _between_steps(self) -> None:
+        for slot, snap in self._restores:
+            self.runner.restore_slot(slot, snap.state, snap.logits, snap.seed, snap.counter)
+        self._restores.clear()
+        if self._snapshot_waiters:
+            self._serve_snapshots()
         for slot, params, seed, reset_counter in self._sampling_updates:
             self.runner.set_sampling(slot, params, seed, reset_counter)
         self._sampling_updates.clear()

@@ -207,6 +207,11 @@ class Runner:
     def state_rows(self, slot: int) -> dict[str, Tensor]:
         return {k: v[slot].clone() for k, v in self.state.items()}
 
-    def load_state_rows(self, slot: int, rows: dict[str, Tensor]) -> None:
+    def restore_slot(self, slot: int, rows: dict[str, Tensor], logits: Tensor, seed: int, counter: int) -> None:
+        """Load a session's saved state into a slot (between steps)."""
+        self.reset_slot(slot)
         for k, v in self.state.items():
             v[slot].copy_(rows[k])
+        self.logits[slot].copy_(logits)
+        self.seed[slot] = seed
+        self.counter[slot] = counter
