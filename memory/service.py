@@ -39,10 +39,16 @@ class JobTooLarge(ValueError):
 def model_compressor(model: ByteLM) -> CompressFn:
     """The model's compressor as the store wants it: CPU float32 in and out, no autograd."""
     device = next(model.parameters()).device
+    # On a GPU, compression runs on a stream of its own: decode's graphs never queue behind it.
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
 
     def compress(hidden: Tensor, level: int) -> Tensor:
         with torch.no_grad():  # no_grad is per thread: set here, where the worker thread runs it
-            return model.compress(hidden.to(device), level).float().cpu()  # (1, m, D)
+            if stream is None:
+                return model.compress(hidden.to(device), level).float().cpu()  # (1, m, D)
+            with torch.cuda.stream(stream):
+                out = model.compress(hidden.to(device, non_blocking=True), level).float().cpu()
+            return out
 
     return compress
 
