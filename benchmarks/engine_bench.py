@@ -235,6 +235,75 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
     return result
 
 
+# ----- decode with memory on: segment capture, consolidation on a side stream, reads -----
+
+
+def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
+    """Decode step time with memory off and on, the same sessions and steps. With memory on,
+    every step captures hidden states; each closed segment is compressed in a worker thread (on
+    its own CUDA stream), applied to the session's SessionMemory (the real level policy) and
+    installed between steps, as the engine does with its hooks; the bus is left out (it costs
+    CPU and network, not device time)."""
+    from concurrent.futures import Future, ThreadPoolExecutor
+
+    from memory.config import MemoryConfig
+    from memory.store import SessionMemory
+
+    device = args.device
+    if device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")
+    model = load_model(args.model, device)
+    mc = model.config
+    S, batch = mc.segment_len, args.sessions
+    mem_cfg = MemoryConfig()
+    stream = torch.cuda.Stream() if device.startswith("cuda") else None
+
+    def compress(hidden: torch.Tensor, level: int) -> torch.Tensor:
+        with torch.no_grad():
+            if stream is None:
+                return model.compress(hidden.to(device), level).cpu()
+            with torch.cuda.stream(stream):
+                return model.compress(hidden.to(device), level).cpu()
+
+    out: dict[str, Any] = {"bench": "engine.memory", "model": args.model, "device": device, "sessions": batch}
+    for memory_on in (False, True):
+        cfg = EngineConfig(max_slots=batch, device=device, cuda_graphs=True, memory_capacity=mem_cfg.max_slots if memory_on else 0)
+        runner = Runner(model, cfg, capture_segments=memory_on)
+        stores = [SessionMemory.for_model(mc, mem_cfg) for _ in range(batch)]
+        pos = [(i * S) // batch for i in range(batch)]  # staggered: segments close every few steps
+        pool = ThreadPoolExecutor(1)
+        inflight: list[tuple[int, int, Future[torch.Tensor]]] = []
+        times: list[float] = []
+        applied = 0
+        for step in range(args.steps + 20):
+            plan = StepPlan((), tuple(Feed(f"s{i}", i, b"a", pos[i], True) for i in range(batch)), (), ())
+            t0 = time.perf_counter()
+            _, closed = runner.execute(plan)
+            if step >= 20:
+                times.append(time.perf_counter() - t0)
+            pos = [p + 1 for p in pos]
+            for seg in closed:
+                inflight.append((seg.slot, seg.index, pool.submit(compress, seg.hidden.unsqueeze(0), 1)))
+            for item in [x for x in inflight if x[2].done()]:  # install between steps
+                slot, index, fut = item
+                inflight.remove(item)
+                mem = stores[slot]
+                if index != mem.last_seq + 1:
+                    continue
+                stores[slot] = mem = mem.apply_segment(index, fut.result()[0], (index * S, (index + 1) * S), compress)
+                runner.install_memory(slot, mem.to_slots(mem_cfg.max_slots, index + 1), mem.written(mem_cfg.max_slots))
+                applied += 1
+        pool.shutdown(wait=True)
+        key = "on" if memory_on else "off"
+        out[key] = {"step_ms_p50": 1e3 * pct(times, 0.5), "step_ms_p99": 1e3 * pct(times, 0.99), "segments_applied": applied}
+        print(f"memory {key:<3}: step p50 {out[key]['step_ms_p50']:.3f} ms, p99 {out[key]['step_ms_p99']:.3f} ms, "
+              f"segments consolidated {applied}", flush=True)
+        del runner
+    out["p99_ratio"] = out["on"]["step_ms_p99"] / out["off"]["step_ms_p99"]
+    print(f"p99 with memory / without: {out['p99_ratio']:.3f}")
+    return out
+
+
 def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--model", default="tiny", help="tiny, small, base, or a checkpoint directory")
@@ -245,11 +314,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--contexts", default="1k", help="decode grid: comma-separated context lengths (1k, 32k, 128k)")
     p.add_argument("--modes", default="eager,graph", help="decode grid: eager, graph, compile, compile-bf16")
     p.add_argument("--steps", type=int, default=50, help="decode grid: timed steps per point")
+    p.add_argument("--memory", action="store_true", help="decode step time with memory on vs off")
     p.add_argument("--json", default=None, help="write the result here")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = decode_grid(args) if args.batches else serve(args)
+    result = memory_compare(args) if args.memory else decode_grid(args) if args.batches else serve(args)
     result["date"] = time.strftime("%Y-%m-%d")
     result["torch"] = torch.__version__
     if args.json:

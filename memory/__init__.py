@@ -1,39 +1,8 @@
 """The memory system: per-session hierarchies of compressed slots (store), their consolidation by
-background workers over NATS JetStream (jobs, worker, service), snapshots, and the bus wiring.
+background workers over NATS JetStream (jobs, worker, service), snapshots, the bus wiring, and
+the adapter that serves the engine's memory hooks (hooks).
 
-Imports flow gateway -> memory -> model; memory imports nothing from engine/ or gateway/.
+Imports flow gateway -> memory -> model; only hooks.py imports engine/ (the hook types it
+implements). Import the submodules directly: store.py and config.py need only torch, so GPU
+benchmarks use them on machines without the NATS client.
 """
-
-from memory.bus import Bus
-from memory.config import MemoryConfig
-from memory.jobs import ConsolidateJob, MemoryPointer, MemoryUpdated
-from memory.service import JobTooLarge, MemoryService, model_compressor, run_worker_process
-from memory.snapshots import (
-    IncompatibleSnapshot,
-    Snapshot,
-    SnapshotError,
-    load_snapshot,
-    save_snapshot,
-)
-from memory.store import CompressFn, MemoryFormatError, SequenceError, SessionMemory
-
-__all__ = [
-    "Bus",
-    "CompressFn",
-    "ConsolidateJob",
-    "IncompatibleSnapshot",
-    "JobTooLarge",
-    "MemoryConfig",
-    "MemoryFormatError",
-    "MemoryPointer",
-    "MemoryService",
-    "MemoryUpdated",
-    "SequenceError",
-    "SessionMemory",
-    "Snapshot",
-    "SnapshotError",
-    "load_snapshot",
-    "model_compressor",
-    "run_worker_process",
-    "save_snapshot",
-]
