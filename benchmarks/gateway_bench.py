@@ -88,7 +88,9 @@ async def _clients(url: str, sessions: int, nbytes: int, binary: bool) -> dict[s
                 )
             )
         for ws in socks:
-            assert json.loads(await ws.recv())["type"] == "opened"
+            frame = json.loads(await ws.recv())
+            if frame["type"] != "opened":
+                raise RuntimeError(f"open failed: {frame}")
         ttft: list[float] = []
         delivered = [0] * sessions
         reported = [0] * sessions
@@ -118,7 +120,8 @@ async def _clients(url: str, sessions: int, nbytes: int, binary: bool) -> dict[s
             await ws.send(json.dumps({"type": "input", "text": text, "max_bytes": nbytes}))
         await asyncio.gather(*(one(i, ws, t0) for i, ws in enumerate(socks)))
         wall = time.perf_counter() - t0
-    finally:
+    finally:  # a close frame closes the session; a bare disconnect would only detach it
+        await asyncio.gather(*(ws.send('{"type":"close"}') for ws in socks), return_exceptions=True)
         await asyncio.gather(*(ws.close() for ws in socks), return_exceptions=True)
     total = sum(reported)
     return {
@@ -133,30 +136,28 @@ async def _clients(url: str, sessions: int, nbytes: int, binary: bool) -> dict[s
     }
 
 
-def raw_engine(
-    model_name: str, device: str, sessions: int, nbytes: int, rounds: int
-) -> list[dict[str, Any]]:
+def measure(args: argparse.Namespace) -> dict[str, Any]:
+    """Rounds alternate raw and gateway (raw, gateway, raw, ...) so that a change in the
+    machine's load during the run weighs on both paths alike."""
     from benchmarks.engine_bench import _serve, load_model
 
-    model = load_model(model_name, device)
-    asyncio.run(_serve(model, device, min(4, sessions), 8, PROMPT, True))  # warm up
-    return [
-        asyncio.run(_serve(model, device, sessions, nbytes, PROMPT, True)) for _ in range(rounds)
-    ]
-
-
-def measure(args: argparse.Namespace) -> dict[str, Any]:
-    raw = raw_engine(args.model, args.device, args.sessions, args.bytes, args.rounds)
+    model = load_model(args.model, args.device)
+    raw: list[dict[str, Any]] = []
+    runs: list[dict[str, Any]] = []
     with tempfile.TemporaryDirectory(prefix="bwr-bench-") as tmp:
         proc, url = start_gateway(
             args.model, args.device, str(Path(tmp) / "data"), str(Path(tmp) / "up.log")
         )
         try:
-            asyncio.run(_clients(url, min(4, args.sessions), 8, args.binary))  # warm up
-            runs = [
-                asyncio.run(_clients(url, args.sessions, args.bytes, args.binary))
-                for _ in range(args.rounds)
-            ]
+            asyncio.run(
+                _serve(model, args.device, min(4, args.sessions), 8, PROMPT, True)
+            )  # warm up
+            asyncio.run(_clients(url, min(4, args.sessions), 8, args.binary))
+            for _ in range(args.rounds):
+                raw.append(
+                    asyncio.run(_serve(model, args.device, args.sessions, args.bytes, PROMPT, True))
+                )
+                runs.append(asyncio.run(_clients(url, args.sessions, args.bytes, args.binary)))
         finally:
             code = stop_gateway(proc)
     raw_rate = statistics.median(r["tokens_per_s"] for r in raw)
@@ -207,7 +208,7 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--sessions", type=int, default=64, help="concurrent WebSocket clients")
     p.add_argument("--bytes", type=int, default=256, help="bytes each client's turn generates")
     p.add_argument(
-        "--rounds", type=int, default=3, help="measured rounds of each path (median reported)"
+        "--rounds", type=int, default=5, help="measured rounds of each path (median reported)"
     )
     p.add_argument(
         "--binary", action="store_true", help="binary sessions (base64 deltas) instead of text"

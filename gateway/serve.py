@@ -168,6 +168,7 @@ async def _serve(
         ws="websockets-sansio",
         http="httptools",
         ws_max_size=cfg.ws_max_size,
+        ws_per_message_deflate=False,  # frames are small: compressing them costs more than it saves
         log_level="warning",
         access_log=False,
         timeout_graceful_shutdown=5,

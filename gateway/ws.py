@@ -17,6 +17,7 @@ ws.py never decodes JSON itself (protocol.py does) and never decides session lim
 
 from __future__ import annotations
 
+import asyncio
 import base64
 import enum
 import logging
@@ -83,7 +84,7 @@ class Connection:
         self.token = ws.query_params.get("token") or ws.headers.get("x-session-token")
         self.entry: Entry | None = None
         self._tg: TaskGroup | None = None
-        self._lock = anyio.Lock()
+        self._lock = asyncio.Lock()  # no forced yield when free (anyio's Lock always yields)
         self._stopped = anyio.Event()
         self._disconnected = False
         self._superseded = False

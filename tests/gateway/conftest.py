@@ -73,6 +73,7 @@ def serve(config: GatewayConfig, hooks: Hooks | None = None) -> Running:
         loop="asyncio",
         log_level="warning",
         ws_max_size=config.ws_max_size,
+        ws_per_message_deflate=False,
         timeout_graceful_shutdown=3,
     )
     server = uvicorn.Server(cfg)
