@@ -1,31 +1,43 @@
 """The training loop: bytes in, a better model out.
 
-train.py owns the optimisation (packing, AdamW, cosine schedule, accumulation, autocast) and takes
-any iterator of byte strings; it knows nothing about files or NATS (callers bring the bytes: a
-local text file here, the DOCS stream consumer in memory/).
+train.py owns the optimisation: packing documents into batches (remembering whose bytes went
+where), the curriculum over sequence length and segments, AdamW with a cosine schedule, gradient
+accumulation, gradient checkpointing, bf16 autocast and TF32 on the GPU (float32 on the CPU),
+data parallelism through model/distributed.py, and the throughput figures (bytes/s, MFU). It
+takes any iterator of byte strings or batches; it knows nothing about files beyond
+`file_documents` and nothing about NATS (the DOCS stream consumer lives in memory/trainer.py and
+drives `TrainLoop` one optimizer step at a time).
 """
 
 from __future__ import annotations
 
+import contextlib
 import math
 import random
 import time
-from collections.abc import Callable, Iterable, Iterator
-from dataclasses import dataclass
+from collections import deque
+from collections.abc import Callable, Iterable, Iterator, Sequence
+from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import Any, Generic, TypeVar
 
 import torch
 import torch.nn.functional as F
+from torch import Tensor, nn
+from torch.utils.checkpoint import checkpoint
 
-from model.codec import EOS, encode
+from model.codec import EOS, PAD, encode
+from model.distributed import Dist
 from model.lm import ByteLM
 from model.segments import run_segments
+
+K = TypeVar("K")
 
 
 @dataclass(frozen=True)
 class TrainConfig:
-    steps: int = 300  # optimizer steps
-    batch_size: int = 16  # sequences per micro-batch
+    steps: int = 300  # optimizer steps (the cosine schedule spans them)
+    batch_size: int = 16  # sequences per micro-batch (at seq_len; the curriculum keeps the bytes)
     seq_len: int = 256  # bytes per sequence (a multiple of the segment length trains memory)
     grad_accum: int = 1  # micro-batches per optimizer step
     lr: float = 3e-3  # peak learning rate
@@ -37,21 +49,146 @@ class TrainConfig:
     seed: int = 0  # data order and lag draws
     log_every: int = 25  # steps between log lines
     time_budget_s: float = 0.0  # >0: stop by then; the schedule is fitted to the measured pace
+    grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory)
+    curriculum: tuple[tuple[float, int, int], ...] = ()  # (from step fraction, seq_len, segments)
+    peak_flops: float = 800e12  # one device's peak bf16 FLOP/s for MFU (H100: about 800e12 here)
+
+    def __post_init__(self) -> None:
+        fracs = [f for f, _, _ in self.curriculum]
+        if fracs != sorted(fracs) or any(not 0 <= f < 1 for f in fracs):
+            raise ValueError(f"curriculum {self.curriculum}: fractions ascending, in [0, 1)")
+        if any(s < 2 or n < 1 for _, s, n in self.curriculum):
+            raise ValueError(f"curriculum {self.curriculum}: seq_len >= 2 and segments >= 1")
 
 
-def pack(docs: Iterable[bytes], batch_size: int, seq_len: int) -> Iterator[torch.Tensor]:
+# ----- the curriculum -----
+
+
+@dataclass(frozen=True)
+class Stage:
+    """The shape of one step's micro-batches."""
+
+    seq_len: int
+    segments: int
+    batch_size: int
+
+    @property
+    def batch_bytes(self) -> int:
+        return self.batch_size * (self.seq_len + 1)
+
+
+def stage_at(step: int, cfg: TrainConfig) -> Stage:
+    """The stage of `step`: the last curriculum entry whose fraction of cfg.steps it has reached
+    (cfg.seq_len and cfg.segments before any). Rows shrink as sequences grow: same bytes a step."""
+    seq, segs = cfg.seq_len, cfg.segments
+    for frac, s, n in cfg.curriculum:
+        if step >= frac * cfg.steps:
+            seq, segs = s, n
+    return Stage(seq, segs, max(1, cfg.batch_size * cfg.seq_len // seq))
+
+
+def parse_curriculum(text: str) -> tuple[tuple[float, int, int], ...]:
+    """ "0:256x1,0.3:1024x2,0.6:2048x4" -> ((0.0, 256, 1), (0.3, 1024, 2), (0.6, 2048, 4))."""
+    out = []
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        try:
+            frac, shape = part.split(":")
+            seq, segs = shape.lower().split("x")
+            out.append((float(frac), int(seq), int(segs)))
+        except ValueError:
+            raise ValueError(
+                f"curriculum entry {part!r}: want FRACTION:SEQ_LENxSEGMENTS, e.g. 0.3:1024x2"
+            ) from None
+    return tuple(out)
+
+
+# ----- packing -----
+
+
+class Packer(Generic[K]):
+    """Documents (each followed by EOS) packed into batches, streaming, remembering whose bytes
+    they are. take() hands out the oldest bytes first and returns the owners whose last byte it
+    handed out, so a caller knows when all of a document went into an optimizer step. Holds only
+    the bytes not yet taken."""
+
+    def __init__(self) -> None:
+        self._parts: deque[tuple[Tensor, K | None]] = deque()
+        self._head = 0  # ids of _parts[0] already taken
+        self.pending = 0  # ids held
+
+    def add(self, doc: bytes, owner: K | None = None, *, eos: bool = True) -> None:
+        """Queue a document (eos=False: a chunk that a later chunk continues)."""
+        ids = encode(doc)
+        if eos:
+            ids = torch.cat([ids, torch.tensor([EOS])])
+        if ids.numel() == 0:
+            raise ValueError("an empty chunk without EOS has no bytes to train on")
+        self._parts.append((ids, owner))
+        self.pending += ids.numel()
+
+    def take(self, rows: int, cols: int) -> tuple[Tensor, list[K]]:
+        """-> (rows, cols) long batch of the oldest ids, the owners it finished."""
+        n = rows * cols
+        if n > self.pending:
+            raise ValueError(f"take of {n} ids from a packer holding {self.pending}")
+        flat, done = self._take(n)
+        return flat.view(rows, cols), done
+
+    def take_padded(self, rows: int, cols: int) -> tuple[Tensor, list[K]]:
+        """Like take, but whatever is held (possibly nothing) padded with PAD to the shape: PAD
+        targets carry no loss. For the tail of a stream that went quiet."""
+        n = min(rows * cols, self.pending)
+        flat, done = self._take(n)
+        out = torch.full((rows * cols,), PAD, dtype=torch.long)
+        out[:n] = flat
+        return out.view(rows, cols), done
+
+    def _take(self, n: int) -> tuple[Tensor, list[K]]:
+        pieces: list[Tensor] = []
+        done: list[K] = []
+        while n > 0:
+            ids, owner = self._parts[0]
+            k = min(ids.numel() - self._head, n)
+            pieces.append(ids[self._head : self._head + k])
+            self._head += k
+            n -= k
+            self.pending -= k
+            if self._head == ids.numel():
+                self._parts.popleft()
+                self._head = 0
+                if owner is not None:
+                    done.append(owner)
+        flat = torch.cat(pieces) if pieces else torch.zeros(0, dtype=torch.long)
+        return flat, done
+
+
+def pack(docs: Iterable[bytes], batch_size: int, seq_len: int) -> Iterator[Tensor]:
     """Documents (EOS after each) packed into (batch_size, seq_len + 1) long batches, streaming:
     holds at most about one batch of bytes in memory."""
+    packer: Packer[None] = Packer()
     need = batch_size * (seq_len + 1)
-    parts: list[torch.Tensor] = []
-    have = 0
     for doc in docs:
-        parts.append(torch.cat([encode(doc), torch.tensor([EOS])]))
-        have += parts[-1].numel()
-        while have >= need:
-            flat = torch.cat(parts)
-            yield flat[:need].view(batch_size, seq_len + 1)
-            parts, have = [flat[need:]], flat.numel() - need
+        packer.add(doc)
+        while packer.pending >= need:
+            yield packer.take(batch_size, seq_len + 1)[0]
+
+
+def curriculum_batches(docs: Iterable[bytes], cfg: TrainConfig) -> Iterator[Tensor]:
+    """pack() with the curriculum's shapes: the grad_accum batches of step s have the shape of
+    stage_at(s). Without a curriculum, the same batches as pack(docs, batch_size, seq_len)."""
+    packer: Packer[None] = Packer()
+    i = 0
+    for doc in docs:
+        packer.add(doc)
+        while True:
+            st = stage_at(i // cfg.grad_accum, cfg)
+            if packer.pending < st.batch_bytes:
+                break
+            yield packer.take(st.batch_size, st.seq_len + 1)[0]
+            i += 1
+
+
+# ----- the objective -----
 
 
 def lr_at(step: int, cfg: TrainConfig) -> float:
@@ -63,20 +200,76 @@ def lr_at(step: int, cfg: TrainConfig) -> float:
 
 
 def make_optimizer(model: ByteLM, cfg: TrainConfig) -> torch.optim.AdamW:
-    decay = [p for n, p in model.named_parameters() if p.dim() >= 2 and "embed" not in n]
-    other = [p for n, p in model.named_parameters() if not (p.dim() >= 2 and "embed" not in n)]
-    groups = [{"params": decay, "weight_decay": cfg.weight_decay}, {"params": other, "weight_decay": 0.0}]
+    def decays(n: str, p: nn.Parameter) -> bool:
+        return p.dim() >= 2 and "embed" not in n
+
+    decay = [p for n, p in model.named_parameters() if decays(n, p)]
+    other = [p for n, p in model.named_parameters() if not decays(n, p)]
+    groups = [
+        {"params": decay, "weight_decay": cfg.weight_decay},
+        {"params": other, "weight_decay": 0.0},
+    ]
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=False)
 
 
-def loss_on(model: ByteLM, batch: torch.Tensor, cfg: TrainConfig, rng: random.Random) -> torch.Tensor:
+def sequence_loss(model: ByteLM, batch: Tensor, segments: int, lag: int) -> Tensor:
+    """Mean next-byte cross entropy of batch (B, T + 1); PAD targets carry none. segments > 1
+    trains through memory (run_segments, with `lag` segments before slots are readable)."""
     x, y = batch[:, :-1], batch[:, 1:]
-    if cfg.segments > 1:
-        seg = max(1, x.shape[1] // cfg.segments)
-        logits = run_segments(model, x, segment_len=seg, lag=rng.randint(0, 1))
+    if segments > 1:
+        logits = run_segments(model, x, segment_len=max(1, x.shape[1] // segments), lag=lag)
     else:
         logits = model(x)
-    return F.cross_entropy(logits.reshape(-1, logits.shape[-1]).float(), y.reshape(-1))
+    ce = F.cross_entropy(
+        logits.reshape(-1, logits.shape[-1]).float(),
+        y.reshape(-1),
+        ignore_index=PAD,
+        reduction="sum",
+    )
+    return ce / (y != PAD).sum().clamp(min=1)
+
+
+def loss_on(model: ByteLM, batch: Tensor, cfg: TrainConfig, rng: random.Random) -> Tensor:
+    lag = rng.randint(0, 1) if cfg.segments > 1 else 0
+    return sequence_loss(model, batch, cfg.segments, lag)
+
+
+class Objective(nn.Module):
+    """The loss as one module call: DDP all-reduces the gradients of what its wrapper computes,
+    so every forward of a step (run_segments' compressions included) goes through here."""
+
+    def __init__(self, model: ByteLM) -> None:
+        super().__init__()
+        self.model = model
+
+    def forward(self, batch: Tensor, segments: int, lag: int) -> Tensor:
+        return sequence_loss(self.model, batch, segments, lag)
+
+
+def enable_grad_checkpointing(model: ByteLM) -> Callable[[], None]:
+    """Recompute each block's activations during backward instead of keeping them (training with
+    grad enabled only; eval, prefill and decode run the blocks as they are). Results are the same;
+    ByteLM is untouched but for an instance-level `forward` on each block. -> a function undoing
+    it."""
+
+    def wrap(block: nn.Module) -> Callable[..., Any]:
+        forward = block.forward
+
+        def run(*args: Any) -> Any:
+            if block.training and torch.is_grad_enabled():
+                return checkpoint(forward, *args, use_reentrant=False)
+            return forward(*args)
+
+        return run
+
+    for block in model.blocks:
+        block.forward = wrap(block)
+
+    def undo() -> None:
+        for block in model.blocks:
+            vars(block).pop("forward", None)
+
+    return undo
 
 
 @dataclass
@@ -84,62 +277,150 @@ class StepLog:
     step: int
     loss: float
     lr: float
-    bytes_per_s: float
+    bytes_per_s: float  # over all ranks, since the previous log line
+    mfu: float = 0.0  # model FLOPs utilisation on the GPU (0 on the CPU)
+    bytes: int = 0  # bytes trained so far, over all ranks
+
+
+class TrainLoop:
+    """The optimisation state and one optimizer step at a time: AdamW, the cosine schedule (over
+    `horizon` steps), accumulation over the micro-batches given, clipping, autocast, DDP."""
+
+    def __init__(self, model: ByteLM, cfg: TrainConfig, dist: Dist | None = None) -> None:
+        self.model, self.cfg = model, cfg
+        self.dist = dist or Dist.single()
+        self.device = model.embed.weight.device
+        self.bf16 = self.device.type == "cuda"
+        if self.bf16:
+            torch.backends.cuda.matmul.allow_tf32 = True
+            torch.backends.cudnn.allow_tf32 = True
+        self.opt = make_optimizer(model, cfg)
+        self.rng = random.Random(cfg.seed)  # lag draws: the same on every rank
+        self.step = 0  # optimizer steps taken
+        self.horizon = cfg.steps  # steps the cosine spans (a time budget refits it)
+        self.bytes = 0  # bytes trained on, over all ranks
+        self._undo = enable_grad_checkpointing(model) if cfg.grad_checkpoint else None
+        self.objective = self.dist.wrap(Objective(model))
+        embed = model.embed.weight.numel()
+        self.flops_per_byte = 6 * (model.num_parameters() - embed)  # 6N: forward and backward
+
+    def lr(self) -> float:
+        return lr_at(self.step, replace(self.cfg, steps=self.horizon))
+
+    def stage(self) -> Stage:
+        return stage_at(self.step, self.cfg)
+
+    def run_step(self, micro: Sequence[Tensor], segments: int | None = None) -> float:
+        """One optimizer step over the micro-batches (B, T + 1) -> this rank's mean loss."""
+        segs = self.stage().segments if segments is None else segments
+        self.model.train()
+        for g in self.opt.param_groups:
+            g["lr"] = self.lr()
+        total = torch.zeros((), device=self.device)
+        ddp = self.dist.active and isinstance(self.objective, nn.parallel.DistributedDataParallel)
+        for i, batch in enumerate(micro):
+            lag = self.rng.randint(0, 1) if segs > 1 else 0
+            skip_sync = ddp and i < len(micro) - 1  # all-reduce once, on the last micro-batch
+            with self.objective.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
+                with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
+                    loss = self.objective(batch.to(self.device, non_blocking=True), segs, lag)
+                    loss = loss / len(micro)
+                loss.backward()
+            total += loss.detach()
+            self.bytes += batch[:, 1:].numel() * self.dist.world
+        torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
+        self.opt.step()
+        self.opt.zero_grad(set_to_none=True)
+        self.step += 1
+        return float(total.item())  # sync: once per optimizer step
+
+    def mfu(self, bytes_per_s: float) -> float:
+        """Model FLOPs (6 N per byte) over the devices' peak; 0 off the GPU."""
+        if not self.bf16:
+            return 0.0
+        return self.flops_per_byte * bytes_per_s / (self.cfg.peak_flops * self.dist.world)
+
+    def mean_over_ranks(self, value: float) -> float:
+        """A number averaged over the ranks (every rank must call it at the same step)."""
+        return self.dist.sum([value])[0] / self.dist.world
+
+    def state_dict(self) -> dict[str, Any]:
+        return dict(
+            optimizer=self.opt.state_dict(),
+            step=self.step,
+            horizon=self.horizon,
+            bytes=self.bytes,
+            rng=list(self.rng.getstate()[1]),
+        )
+
+    def load_state_dict(self, state: dict[str, Any]) -> None:
+        self.opt.load_state_dict(state["optimizer"])
+        self.step, self.horizon, self.bytes = state["step"], state["horizon"], state["bytes"]
+        self.rng.setstate((3, tuple(state["rng"]), None))
+
+    def close(self) -> None:
+        if self._undo is not None:
+            self._undo()
+            self._undo = None
 
 
 def train(
     model: ByteLM,
-    batches: Iterator[torch.Tensor],
+    batches: Iterator[Tensor],
     cfg: TrainConfig,
     *,
     on_log: Callable[[StepLog], None] | None = None,
+    dist: Dist | None = None,
 ) -> list[StepLog]:
-    """Run cfg.steps optimizer steps over `batches`; returns the log. Stops early if the data ends."""
-    device = model.embed.weight.device
-    use_bf16 = device.type == "cuda"
-    if use_bf16:
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-    opt = make_optimizer(model, cfg)
-    rng = random.Random(cfg.seed)
-    model.train()
+    """Run cfg.steps optimizer steps over `batches` (this rank's: shard the documents first);
+    returns the log. Stops early if the data ends (on any rank, under DDP)."""
+    loop = TrainLoop(model, cfg, dist)
     logs: list[StepLog] = []
-    t0, seen = time.perf_counter(), 0
-    total_steps = cfg.steps
-    for step in range(cfg.steps):
-        if step >= total_steps:
-            break
-        if cfg.time_budget_s > 0 and step == cfg.warmup + 5:
-            # Fit the cosine schedule to the steps the time budget allows at the measured pace.
-            pace = (time.perf_counter() - t0) / step
-            total_steps = max(step + 1, min(cfg.steps, int(cfg.time_budget_s / pace)))
-        sched = TrainConfig(**{**cfg.__dict__, "steps": total_steps})
-        for g in opt.param_groups:
-            g["lr"] = lr_at(step, sched)
-        total = 0.0
-        for _ in range(cfg.grad_accum):
-            try:
-                batch = next(batches).to(device, non_blocking=True)
-            except StopIteration:
-                return logs
-            with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_bf16):
-                loss = loss_on(model, batch, cfg, rng) / cfg.grad_accum
-            loss.backward()
-            total += loss.item()
-            seen += batch.numel()
-        torch.nn.utils.clip_grad_norm_(model.parameters(), cfg.clip)
-        opt.step()
-        opt.zero_grad(set_to_none=True)
-        if step % cfg.log_every == 0 or step == total_steps - 1:
-            entry = StepLog(step, total, opt.param_groups[0]["lr"], seen / (time.perf_counter() - t0))
-            logs.append(entry)
-            if on_log:
-                on_log(entry)
-    model.eval()
+    t0 = time.perf_counter()
+    mark, mark_bytes = t0, 0
+    try:
+        for step in range(cfg.steps):
+            if step >= loop.horizon:
+                break
+            if cfg.time_budget_s > 0 and step == cfg.warmup + 5:
+                # Fit the cosine schedule to the steps the time budget allows at the measured
+                # pace (the ranks' mean, so every rank stops at the same step).
+                pace = loop.mean_over_ranks((time.perf_counter() - t0) / step)
+                loop.horizon = max(step + 1, min(cfg.steps, int(cfg.time_budget_s / pace)))
+            micro = list(_take(batches, cfg.grad_accum))
+            ended = len(micro) < cfg.grad_accum
+            if loop.dist.active:
+                ended = loop.dist.sum([float(ended)])[0] > 0
+            if ended:
+                break
+            loss = loop.run_step(micro, stage_at(step, cfg).segments)
+            if step % cfg.log_every == 0 or step == loop.horizon - 1:
+                loss = loop.mean_over_ranks(loss)
+                now = time.perf_counter()
+                rate = (loop.bytes - mark_bytes) / max(now - mark, 1e-9)
+                mark, mark_bytes = now, loop.bytes
+                lr = loop.opt.param_groups[0]["lr"]
+                entry = StepLog(step, loss, lr, rate, loop.mfu(rate), loop.bytes)
+                logs.append(entry)
+                if on_log:
+                    on_log(entry)
+    finally:
+        loop.close()
+        model.eval()
     return logs
 
 
-def file_documents(path: str | Path, doc_bytes: int = 4096, *, loop: bool = True, seed: int = 0) -> Iterator[bytes]:
+def _take(it: Iterator[Tensor], n: int) -> Iterator[Tensor]:
+    for _ in range(n):
+        try:
+            yield next(it)
+        except StopIteration:
+            return
+
+
+def file_documents(
+    path: str | Path, doc_bytes: int = 4096, *, loop: bool = True, seed: int = 0
+) -> Iterator[bytes]:
     """A text file read as documents of about doc_bytes, in shuffled order, forever if loop."""
     data = Path(path).read_bytes()
     if not data:
@@ -156,6 +437,7 @@ def file_documents(path: str | Path, doc_bytes: int = 4096, *, loop: bool = True
 
 def unigram_entropy(data: bytes) -> float:
     """Entropy of the byte distribution in nats: what a model that ignores context can reach."""
-    counts = torch.bincount(torch.frombuffer(bytearray(data), dtype=torch.uint8).long(), minlength=256).double()
+    ids = torch.frombuffer(bytearray(data), dtype=torch.uint8).long()
+    counts = torch.bincount(ids, minlength=256).double()
     p = counts[counts > 0] / counts.sum()
     return float(-(p * p.log()).sum())
