@@ -62,6 +62,9 @@ class Runner:
         self.graphs: DecodeGraphs | None = None
         decode_fn: Callable[[Tensor], Tensor] = self._decode_rows
         if cfg.compile:
+            # One compiled variant per batch bucket (and per runner): past dynamo's default
+            # recompile limit (8) it would silently fall back to eager.
+            torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             decode_fn = torch.compile(decode_fn, dynamic=False)  # graphs are captured by DecodeGraphs
         self._decode_fn = decode_fn
         if self.device.type == "cuda" and cfg.cuda_graphs:
