@@ -23,6 +23,7 @@ from engine.sampling import sample
 from engine.scheduler import Feed, StepPlan
 from engine.types import SamplingParams
 from model import ByteLM, MemorySlots, age_bucket
+from model.lm import ReadBlock
 from model.decode_cache import build_decode_cache, refresh_decode_cache
 
 
@@ -54,6 +55,20 @@ class Runner:
         M = cfg.memory_capacity
         self.memory = MemorySlots.empty(rows, mc.d_model, dev, capacity=M) if M else None
         self.mem_written = torch.zeros(rows, M, dtype=torch.long, device=dev)  # segment each slot came from
+        # Keys and values of each slot's memory, per read block: they change only when a version
+        # is installed or the session enters a new segment (ages), so they are computed then and
+        # the step only attends (instead of projecting every memory slot at every byte).
+        self.read_layers = [i for i, b in enumerate(model.blocks) if isinstance(b, ReadBlock)]
+        self.mem_kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
+        if M:
+            for i in self.read_layers:
+                read = model.blocks[i].read
+                self.mem_kv[i] = (
+                    torch.zeros(rows, read.heads, M + 1, read.head_dim, device=dev),
+                    torch.zeros(rows, read.heads, M + 1, read.head_dim, device=dev),
+                    torch.zeros(rows, M + 1, dtype=torch.bool, device=dev),
+                )
+        self.kv_segment = [-1] * rows  # segment whose ages each slot's keys/values hold (-1: stale)
         self.capture = capture_segments
         self.seg_buf = torch.zeros(rows, self.S, mc.d_model, device=dev) if capture_segments else None
         # The fused decode reads poles, merged projections (and bf16 weights) from this cache.
@@ -79,6 +94,7 @@ class Runner:
         self.counter[slot] = 0
         if self.memory is not None:
             self.memory.mask[slot] = False
+            self.kv_segment[slot] = -1
         if self.seg_buf is not None:
             self.seg_buf[slot].zero_()
 
@@ -103,6 +119,20 @@ class Runner:
         self.memory.level[slot, :n] = memory.level[0, :n].to(self.device)
         self.memory.mask[slot, :n] = memory.mask[0, :n].to(self.device)
         self.mem_written[slot, :n] = written[:n].to(self.device)
+        self.kv_segment[slot] = -1
+
+    def _refresh_kv(self, feeds: tuple[Feed, ...]) -> None:
+        """Recompute the memory keys/values of slots whose memory or segment changed."""
+        for f in feeds:
+            seg = f.start // self.S
+            if self.kv_segment[f.slot] == seg:
+                continue
+            self.kv_segment[f.slot] = seg
+            slot_t = torch.tensor([f.slot], device=self.device)
+            mem = self._memory_for(slot_t, torch.tensor([f.start], device=self.device))
+            for i, (K, V, valid) in self.mem_kv.items():
+                k, v, ok = self.model.blocks[i].read.memory_kv(mem, 1)
+                K[f.slot], V[f.slot], valid[f.slot] = k[0], v[0], ok[0]
 
     def _memory_for(self, slots: Tensor, pos: Tensor) -> MemorySlots | None:
         if self.memory is None:
@@ -121,8 +151,8 @@ class Runner:
         The whole batched decode: recurrent step on the pool rows, logits and captured hidden
         written back, and a sample for every row (rows with flag 0 do not advance their counter)."""
         tokens, slots, pos, flag = rows[0], rows[1], rows[2], rows[3]
-        memory = self._memory_for(slots, pos)
-        logits, hidden = self.model.step(tokens, self.state, slots, memory, return_hidden=True, cache=self.cache)
+        kv = {i: (K[slots], V[slots], ok[slots]) for i, (K, V, ok) in self.mem_kv.items()} if self.mem_kv else None
+        logits, hidden = self.model.step(tokens, self.state, slots, None, return_hidden=True, cache=self.cache, memory_kv=kv)
         self.logits.index_copy_(0, slots, logits)
         if self.seg_buf is not None:
             self.seg_buf[slots, pos % self.S] = hidden
@@ -138,6 +168,8 @@ class Runner:
         closed: list[ClosedSegment] = []
         parts: list[Tensor] = []
         if plan.decode:
+            if self.mem_kv:
+                self._refresh_kv(plan.decode)
             rows = torch.tensor(
                 [[f.data[0] for f in plan.decode], [f.slot for f in plan.decode],
                  [f.start for f in plan.decode], [int(f.sample) for f in plan.decode]],
@@ -206,6 +238,7 @@ class Runner:
             params[name].copy_(t)
         if self.cache is not None:
             refresh_decode_cache(self.model, self.cache)
+        self.kv_segment = [-1] * len(self.kv_segment)  # memory keys/values came from the old weights
 
     def state_rows(self, slot: int) -> dict[str, Tensor]:
         return {k: v[slot].clone() for k, v in self.state.items()}

@@ -67,8 +67,8 @@ class ReadBlock(nn.Module):
         super().__init__()
         self.read = MemoryRead(cfg)
 
-    def forward(self, x: Tensor, memory: MemorySlots | None) -> Tensor:
-        return x + self.read(x, memory)[0]
+    def forward(self, x: Tensor, memory: MemorySlots | None, kv: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+        return x + self.read(x, memory, kv=kv)[0]
 
 
 @dataclass
@@ -186,15 +186,18 @@ class ByteLM(nn.Module):
         *,
         return_hidden: bool = False,
         cache: DecodeCache | None = None,
+        memory_kv: dict[int, tuple[Tensor, Tensor, Tensor]] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One byte per row: tokens (B,) -> logits (B, V) (and captured hidden (B, D)); `state`
         rows `slots` (or all rows) are updated in place. With a decode cache (see
-        decode_cache.py) and slots on a GPU, the fused path runs."""
+        decode_cache.py) and slots on a GPU, the fused path runs. memory_kv: per read block,
+        keys/values/valid precomputed by its memory_kv (then `memory` is not read)."""
         x = self.embed(tokens)  # (B, D)
         capture = x
         for i, block in enumerate(self.blocks):
             if isinstance(block, ReadBlock):
-                x = block(x.unsqueeze(1), memory).squeeze(1)
+                kv = None if memory_kv is None else memory_kv[i]
+                x = block(x.unsqueeze(1), memory, kv).squeeze(1)
             else:
                 x = block.step(x, _sub(state, i), slots, cache, f"{i}.")  # updates the pool rows in place
             if i == self.config.capture_layer:

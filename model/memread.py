@@ -73,24 +73,41 @@ class MemoryRead(nn.Module):
         self.gate = nn.Linear(D, D)
         nn.init.constant_(self.gate.bias, -2.0)  # start mostly closed: memory earns its way in
 
-    def forward(self, x: Tensor, memory: MemorySlots | None, return_picks: bool = False) -> tuple[Tensor, Tensor | None]:
-        """x (B, T, D) residual stream -> residual update (B, T, D), and optionally the picked
-        slot indices (B, Hr, T, k) into memory (-1 = the null slot)."""
-        B, T, D = x.shape
-        Hr, dh = self.heads, self.head_dim
-        h = self.norm(x)
-        q = self.q(h).view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
-        null = self.null_kv.view(2, 1, 1, D).expand(2, B, 1, D)
+    def memory_kv(self, memory: MemorySlots | None, batch: int) -> tuple[Tensor, Tensor, Tensor]:
+        """Keys and values of the slots (a null slot first) -> keys, values (B, Hr, M+1, dh),
+        valid (B, M+1). They depend only on the memory and its ages, so a server computes them
+        once per memory version (and age change) instead of at every step."""
+        Hr, dh, D = self.heads, self.head_dim, self.heads * self.head_dim
+        null = self.null_kv.view(2, 1, 1, D).expand(2, batch, 1, D)
         if memory is None or memory.size == 0:
-            keys, values, valid = null[0], null[1], x.new_ones(B, 1, dtype=torch.bool)
+            keys, values = null[0], null[1]
+            valid = torch.ones(batch, 1, dtype=torch.bool, device=self.null_kv.device)
         else:
             m = self.mem_norm(memory.slots) + self.level_emb(memory.level) + self.age_emb(memory.age)
             k, v = self.kv(m).chunk(2, dim=-1)  # (B, M, D)
             keys, values = torch.cat([null[0], k], 1), torch.cat([null[1], v], 1)  # (B, M+1, D)
-            valid = torch.cat([x.new_ones(B, 1, dtype=torch.bool), memory.mask], 1)
+            valid = torch.cat([memory.mask.new_ones(batch, 1), memory.mask], 1)
         M1 = keys.shape[1]
-        keys = keys.view(B, M1, Hr, dh).transpose(1, 2)  # (B, Hr, M+1, dh)
-        values = values.view(B, M1, Hr, dh).transpose(1, 2)
+        keys = keys.reshape(batch, M1, Hr, dh).transpose(1, 2)  # (B, Hr, M+1, dh)
+        values = values.reshape(batch, M1, Hr, dh).transpose(1, 2)
+        return keys, values, valid
+
+    def forward(
+        self,
+        x: Tensor,
+        memory: MemorySlots | None,
+        return_picks: bool = False,
+        kv: tuple[Tensor, Tensor, Tensor] | None = None,
+    ) -> tuple[Tensor, Tensor | None]:
+        """x (B, T, D) residual stream -> residual update (B, T, D), and optionally the picked
+        slot indices (B, Hr, T, k) into memory (-1 = the null slot). kv: precomputed
+        memory_kv(memory) (then memory is not read)."""
+        B, T, D = x.shape
+        Hr, dh = self.heads, self.head_dim
+        h = self.norm(x)
+        q = self.q(h).view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
+        keys, values, valid = self.memory_kv(memory, B) if kv is None else kv
+        M1 = keys.shape[2]
         scores = (q @ keys.transpose(-1, -2)) / math.sqrt(dh)  # (B, Hr, T, M+1)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         k_eff = min(self.topk, M1)
