@@ -328,6 +328,11 @@ class Engine:
             await asyncio.sleep(0)  # let consumers and sockets run between steps
 
     def _between_steps(self) -> None:
+        # Zero newly owned slots here rather than in the next plan: what is loaded into a slot
+        # between steps (a memory version) must land after the zeroing, and a snapshot must not
+        # read what the slot's last owner left there.
+        for slot in self.scheduler.take_resets():
+            self.runner.reset_slot(slot)
         for slot, snap in self._restores:
             self.runner.restore_slot(slot, snap.state, snap.logits, snap.seed, snap.counter)
         self._restores.clear()

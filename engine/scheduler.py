@@ -107,6 +107,7 @@ class Scheduler:
         self._reset: list[int] = []
         self._rr: deque[str] = deque()  # round-robin order of sessions with input to prefill
         self._queued: set[str] = set()  # members of _rr
+        self._sampling_for: dict[str, Turn | None] = {}  # turn each sample of the last plan is for
 
     # ----- lifecycle -----
 
@@ -197,7 +198,15 @@ class Scheduler:
             budget -= n
             prefill.append(self._feed(seq, n, seq.turn is not None and n == len(seq.pending)))
         reset, self._reset = tuple(self._reset), []
-        return StepPlan(reset, tuple(decode), tuple(prefill), tuple(sample_only))
+        plan = StepPlan(reset, tuple(decode), tuple(prefill), tuple(sample_only))
+        self._sampling_for = {f.sid: self.seqs[f.sid].turn for f in plan.samples}
+        return plan
+
+    def take_resets(self) -> tuple[int, ...]:
+        """Slots newly owned, for a caller that zeroes them itself before the next plan (the
+        plan then leaves them out of its reset)."""
+        reset, self._reset = tuple(self._reset), []
+        return reset
 
     def _feed(self, seq: Seq, n: int, sample: bool) -> Feed:
         data = bytes(seq.pending[:n])
@@ -217,9 +226,11 @@ class Scheduler:
         out: list[Outcome] = []
         for feed, value in zip(samples, sampled, strict=True):
             seq = self.seqs.get(feed.sid)
-            if seq is None or seq.turn is None or seq.pending:
-                continue  # closed, cancelled or interrupted while the step ran: drop the sample
-            turn = seq.turn
+            turn = None if seq is None else seq.turn
+            if seq is None or turn is None or turn is not self._sampling_for.get(feed.sid) or seq.pending:
+                # Closed, cancelled or interrupted while the step ran (perhaps with a new turn
+                # already asked for): the sample belongs to a turn that is over. Drop it.
+                continue
             if value >= 256:
                 out += self._finish(seq, FinishReason.EOS)
                 continue
@@ -243,7 +254,7 @@ class Scheduler:
         assert turn is not None
         seq.turn = None
         out: list[Outcome] = []
-        if reason is not FinishReason.STOP and len(turn.generated) > turn.emitted:
+        if len(turn.generated) > turn.emitted:  # on STOP the stop sequence is already cut off
             out.append(Emitted(seq.sid, bytes(turn.generated[turn.emitted :])))
         n_out = len(turn.generated) if output is None else output
         context = seq.fed + len(seq.pending)
