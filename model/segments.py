@@ -36,7 +36,9 @@ def run_segments(
     S = segment_len or cfg.segment_len
     B = tokens.shape[0]
     state: State | None = None
-    written: list[tuple[int, Tensor]] = []  # (segment index, its slots (B, m, D))
+    # (segment index, its slots (B, m, D)). A slot's age is counted as at serving time: the
+    # segment being read minus the segment the slot was written from.
+    written: list[tuple[int, Tensor]] = []
     logits = []
     for i, seg in enumerate(tokens.split(S, dim=1)):
         visible = [(j, w) for j, w in written if j <= i - 1 - lag]
@@ -45,7 +47,7 @@ def run_segments(
         memory = None
         if visible:
             slots = torch.cat([w for _, w in visible], dim=1)  # (B, M, D)
-            ages = torch.tensor([i - j - 1 for j, _ in visible for _ in range(cfg.mem_slots)], device=tokens.device)
+            ages = torch.tensor([i - j for j, _ in visible for _ in range(cfg.mem_slots)], device=tokens.device)
             ages = ages.expand(B, -1)
             memory = MemorySlots(
                 slots=slots,
