@@ -19,8 +19,9 @@ $(STAMP): $(BIN)/python pyproject.toml
 
 install: $(STAMP)
 
+# `make run UP_ARGS="--port 9000 --model small"` passes flags to `bwr up`.
 run: $(STAMP)
-	$(BIN)/bwr up
+	$(BIN)/bwr up $(UP_ARGS)
 
 test: $(STAMP)
 	$(BIN)/python -m pytest -q

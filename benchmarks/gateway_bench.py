@@ -176,6 +176,9 @@ def measure(args: argparse.Namespace) -> dict[str, Any]:
         "raw_bytes_per_s": raw_rate,
         "gateway_bytes_per_s": gw_rate,
         "ratio": gw_rate / raw_rate,
+        "round_ratios": [
+            g["tokens_per_s"] / r["tokens_per_s"] for r, g in zip(raw, runs, strict=True)
+        ],
         "target": 0.8,
         "gateway_exit_code": code,
         "machine": f"{platform.machine()}, {os.cpu_count()} CPUs, {platform.system()}",
@@ -199,7 +202,11 @@ def report(r: dict[str, Any]) -> None:
             f" {ttft['p50']:>8.1f}ms {ttft['p99']:>8.1f}ms"
         )
     verdict = "meets" if r["ratio"] >= r["target"] else "misses"
-    print(f"gateway / raw: {100 * r['ratio']:.1f}% ({verdict} the {100 * r['target']:.0f}% target)")
+    lo, hi = min(r["round_ratios"]), max(r["round_ratios"])
+    print(
+        f"gateway / raw: {100 * r['ratio']:.1f}% ({verdict} the {100 * r['target']:.0f}% target);"
+        f" rounds {100 * lo:.0f}% to {100 * hi:.0f}%"
+    )
 
 
 def add_arguments(p: argparse.ArgumentParser) -> None:

@@ -8,8 +8,9 @@ the frames taken from the engine but not yet written to a socket, and its state:
     ATTACHED/DETACHED  --close frame, DELETE, idle timeout, engine shutdown-->  CLOSED
 
 A dropped connection detaches (the turn in progress is cancelled; the session stays resumable
-for `detach_timeout_s`); a `close` frame or DELETE closes. Completion requests hold ephemeral
-sessions: counted against the limits, never listed, never resumable.
+for `detach_timeout_s`); a `close` frame or DELETE closes. A session made over HTTP waits
+`unattached_timeout_s` for its first connection. Completion requests hold ephemeral sessions:
+counted against the limits, never listed, never resumable.
 
 The registry enforces the session limits and publishes lifecycle events; it never touches a
 socket (ws.py does) and never parses frames (protocol.py does).

@@ -87,7 +87,7 @@ async def test_detach_and_resume_with_token(server: Running) -> None:
     c = await Client.connect(server.ws + "/v1/stream")
     opened = await c.open(sampling={"max_bytes": 6})
     sid, token = opened["session"], opened["token"]
-    await c.turn("first")
+    _, first = await c.turn("first")
     await c.send({"type": "input", "text": "x", "max_bytes": 60000})
     assert (await c.recv())["type"] == "delta"
     await c.close()  # dropped: the session detaches, its turn is cancelled
@@ -99,7 +99,8 @@ async def test_detach_and_resume_with_token(server: Running) -> None:
     assert server.gateway.registry.entries[sid].state.value == "detached"
     async with await Client.connect(f"{server.ws}/v1/sessions/{sid}/stream?token={token}") as r:
         again = await r.open()
-        assert again["resumed"] and again["session"] == sid and again["context_bytes"] >= 11
+        assert again["resumed"] and again["session"] == sid
+        assert again["context_bytes"] >= first["usage"]["context_bytes"] + 1
         _, done, _ = await r.until_done()  # the cancelled turn's done was kept for us
         assert done["reason"] == "cancelled"
         _, done = await r.turn("resumed", temperature=0)  # the session's defaults survive
@@ -182,3 +183,12 @@ async def test_delete_closes_an_attached_socket(server: Running) -> None:
         assert r.status_code == 200 and r.json()["closed"]
     with pytest.raises(websockets.ConnectionClosedOK):
         await c.recv()
+
+
+async def test_input_without_generation(server: Running) -> None:
+    async with await Client.connect(server.ws + "/v1/stream") as c:
+        await c.open()
+        await c.send({"type": "input", "text": "context only", "max_bytes": 0})  # no turn, no done
+        _, done = await c.turn("then a turn", max_bytes=2)
+        assert done["usage"]["input_bytes"] == 11
+        assert done["usage"]["context_bytes"] == 12 + 11 + done["usage"]["output_bytes"]
