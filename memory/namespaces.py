@@ -214,6 +214,9 @@ class IngestWorker:
                     log.info("ingest: fetch: %s", type(e).__name__)
                     await anyio.sleep(self.bus.config.reconnect_wait_s)
                     continue
+                if not msgs:  # a status reply instead of messages: look again shortly
+                    await anyio.sleep(min(0.05, self.config.fetch_timeout_s))
+                    continue
                 try:
                     await self.handle(msgs)
                 except TRANSIENT as e:  # unacked: they come back

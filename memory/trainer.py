@@ -175,10 +175,11 @@ class NatsTrainer:
             quiet_for = 0.0 if quiet_since is None else now - quiet_since
             high = len(self.held) >= 0.75 * self.cap
             idle_done = cfg.until_idle_s > 0 and quiet_for >= cfg.until_idle_s and not self.held
+            ready = self.packer.pending >= need
             flags = [
-                float(self.packer.pending < need),
+                float(not ready),
                 float(self.packer.pending > 0),
-                float(quiet_for >= cfg.idle_flush_s),
+                float(ready or quiet_for >= cfg.idle_flush_s),  # nothing more to wait for here
                 float(self.stopping),
                 float(idle_done),
                 float(high),
@@ -212,6 +213,9 @@ class NatsTrainer:
             except TRANSIENT as e:  # the server is away: the client reconnects on its own
                 log.info("fetch: %s", type(e).__name__)
                 await anyio.sleep(self.cfg.fetch_timeout_s)
+                break
+            if not msgs:  # a status reply (e.g. a stale request's timeout): nothing now
+                await anyio.sleep(min(0.05, self.cfg.fetch_timeout_s))
                 break
             for msg in msgs:
                 got += 1
