@@ -33,7 +33,8 @@ from gateway import http, openai, ws
 from gateway.config import GatewayConfig
 from gateway.events import EventBus
 from gateway.metrics import GatewayStats, Sources, make_registry
-from gateway.sessions import SessionRegistry, SessionState
+from gateway.persistence import MemoryPlugin, token_hash
+from gateway.sessions import Entry, SessionRegistry, SessionState
 from model import ByteLM
 
 log = logging.getLogger("bwr.gateway")
@@ -60,6 +61,7 @@ class Hooks:
     engine: MemoryHooks | None = None  # segments out of and memory versions into the engine
     memory: MemoryInspector | None = None  # GET /v1/sessions/{id}/memory levels
     namespaces: NamespaceProvider | None = None  # GET /v1/namespaces/{ns}
+    persistence: MemoryPlugin | None = None  # consolidation, snapshots and resume over NATS
 
 
 def package_version() -> str:
@@ -188,14 +190,57 @@ class Gateway:
             while self._engine.scheduler.running:
                 await anyio.sleep(0.02)
 
+    # ----- persistence -----
+
+    def turn_done(self, entry: Entry) -> None:
+        """A turn ended on a session: snapshot it in the background (when persistence is on)."""
+        plugin = self.hooks.persistence
+        if plugin is not None and not entry.ephemeral and not entry.session.closed:
+            plugin.turn_done(entry.id, self._snapshot_meta(entry))
+
+    @staticmethod
+    def _snapshot_meta(entry: Entry) -> dict[str, Any]:
+        return {
+            "token_hash": entry.token_hash.hex(),
+            "owner": entry.owner,
+            "binary": entry.binary,
+            "namespace": entry.namespace,
+        }
+
+    async def _restore(self, sid: str, token: str) -> None:
+        """Bring a session back from its snapshot (after a restart) into the registry, detached."""
+        plugin = self.hooks.persistence
+        if plugin is None:
+            return
+        found = await plugin.restore(sid, token)
+        if found is None or sid in self.registry.entries:
+            return
+        snap, meta = found
+        session = self.engine.open(sid, binary=bool(meta.get("binary")), restore=snap)
+        assert token_hash(token) == meta["token_hash"]
+        self.registry.adopt(
+            session,
+            bytes.fromhex(meta["token_hash"]),
+            str(meta.get("owner", "")),
+            binary=bool(meta.get("binary")),
+            namespace=meta.get("namespace"),
+        )
+
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:
         app.state.gateway = self
+        plugin = self.hooks.persistence
+        if plugin is not None:
+            self.hooks.engine = await plugin.connect()
+            self.hooks.memory = self.hooks.memory or plugin
+            self.hooks.namespaces = self.hooks.namespaces or plugin
         engine = Engine(self.model, self.engine_config, hooks=self.hooks.engine)
         await engine.start()
         self._engine = engine
         self._running = True
-        self._registry = SessionRegistry(engine, self.config, self.emit)
+        self._registry = SessionRegistry(
+            engine, self.config, self.emit, restorer=self._restore if plugin else None
+        )
         if self.config.nats_url:
             self.events = EventBus(
                 self.config.nats_url,
@@ -207,8 +252,18 @@ class Gateway:
                 tg.start_soon(self._reaper)
                 if self.events is not None:
                     tg.start_soon(self.events.run, self.summary)
+                if plugin is not None:
+                    await tg.start(plugin.run, engine)
                 yield
                 await self.drain(min(self.config.drain_s, 2.0))
+                if plugin is not None:  # snapshot live sessions: they resume after a restart
+                    live = {
+                        e.id: self._snapshot_meta(e)
+                        for e in self._registry.entries.values()
+                        if not e.ephemeral and not e.session.closed
+                    }
+                    with anyio.move_on_after(self.config.drain_s):
+                        await plugin.save_all(live)
                 await self._registry.close_all("shutdown")
                 self._running = False
                 await engine.shutdown(drain_s=0.0)
@@ -220,6 +275,8 @@ class Gateway:
                     await engine.shutdown(drain_s=0.0)
             if self.events is not None:
                 await self.events.close()
+            if plugin is not None:
+                await plugin.close()
 
     async def _reaper(self) -> None:
         while True:

@@ -161,6 +161,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--drain", type=float, default=10.0, help="seconds running turns get to finish on SIGTERM"
     )
     upp.add_argument("--no-uvloop", action="store_true", help="run on the stdlib asyncio loop")
+    upp.add_argument(
+        "--no-memory",
+        action="store_true",
+        help="no memory consolidation, snapshots or resume after a restart (they need NATS)",
+    )
+    upp.add_argument(
+        "--memory-workers", type=int, default=2, help="consolidation workers in this process"
+    )
     upp.set_defaults(func=_up)
 
     ch = sub.add_parser("chat", help="stream a session in the terminal")
@@ -201,6 +209,8 @@ def _up(args: argparse.Namespace) -> int:
             max_sessions_per_key=args.max_sessions_per_key or args.max_sessions,
             detach_timeout_s=args.detach_timeout,
             drain_s=args.drain,
+            memory=not args.no_memory,
+            memory_workers=args.memory_workers,
         )
     except ValueError as e:
         print(f"bwr up: {e}", file=sys.stderr)

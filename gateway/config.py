@@ -54,6 +54,8 @@ class GatewayConfig:
     # ----- the bus and state -----
     nats_url: str | None = None  # NATS server for events (None: no bus)
     nats_required: bool = False  # /readyz fails while NATS is unreachable
+    memory: bool = True  # with NATS: consolidate session memories, snapshot sessions, resume them
+    memory_workers: int = 2  # consolidation workers in this process
     events_interval_s: float = 1.0  # period of the `events.engine` throughput summary
     events_queue: int = 1024  # events waiting to be published (more are dropped and counted)
     data_dir: str = ".data"  # local state: the embedded nats-server's store lives in data_dir/nats

@@ -229,9 +229,17 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
 
         info.update(version=package_version(), nats_embedded=nats is not None)
         cfg = replace(cfg, model_name=str(info["model"]))
-        app = create_app(
-            cfg, model, EngineConfig(max_slots=cfg.max_sessions, device=device), info=info
-        )
+        hooks = None
+        engine_config = EngineConfig(max_slots=cfg.max_sessions, device=device)
+        if cfg.nats_url is not None and cfg.memory:
+            # Memory consolidation, snapshots and resume live on the bus: on with NATS.
+            from gateway.app import Hooks
+            from gateway.persistence import MemoryPlugin
+
+            plugin = MemoryPlugin(cfg.nats_url, model, workers=cfg.memory_workers)
+            hooks = Hooks(persistence=plugin)
+            engine_config = replace(engine_config, memory_capacity=plugin.capacity)
+        app = create_app(cfg, model, engine_config, hooks=hooks, info=info)
         if use_uvloop:
             import uvloop
 

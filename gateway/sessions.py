@@ -26,7 +26,7 @@ import logging
 import secrets
 import time
 from collections import deque
-from collections.abc import Callable
+from collections.abc import Awaitable, Callable
 from dataclasses import dataclass, field
 from typing import Any, Protocol
 
@@ -116,10 +116,15 @@ EventSink = Callable[[str, dict[str, Any]], None]
 
 class SessionRegistry:
     def __init__(
-        self, engine: Engine, config: GatewayConfig, events: EventSink | None = None
+        self,
+        engine: Engine,
+        config: GatewayConfig,
+        events: EventSink | None = None,
+        restorer: Callable[[str, str], Awaitable[None]] | None = None,
     ) -> None:
         self.engine = engine
         self.config = config
+        self.restorer = restorer  # brings an unknown session back from its snapshot (by token)
         self.entries: dict[str, Entry] = {}
         self._events = events or (lambda kind, payload: None)
         self.closing = False
@@ -170,6 +175,22 @@ class SessionRegistry:
             )
         return entry, token
 
+    def adopt(
+        self,
+        session: Session,
+        token_hash: bytes,
+        owner: str,
+        *,
+        binary: bool = False,
+        namespace: str | None = None,
+    ) -> Entry:
+        """A session restored from a snapshot: DETACHED, resumable with its old token."""
+        entry = Entry(session, token_hash, owner, binary, namespace)
+        entry.attached_once = True
+        self.entries[session.id] = entry
+        self._events("session", {"event": "restored", "session": session.id})
+        return entry
+
     def lookup(self, sid: str, token: str | None = None, owner: str | None = None) -> Entry:
         """A live, non-ephemeral session. With a token it must match; without one the caller must
         be its owner (HTTP inspection by the key that created it)."""
@@ -192,6 +213,8 @@ class SessionRegistry:
         """Resume: DETACHED -> ATTACHED; an ATTACHED session is taken over from its connection."""
         if self.closing:
             raise ShuttingDown("the gateway is shutting down")
+        if self.restorer is not None and sid not in self.entries:
+            await self.restorer(sid, token)  # after a restart: from the session's snapshot
         entry = self.lookup(sid, token)
         old = entry.conn
         if entry.state is SessionState.ATTACHED and old is not None and old is not conn:

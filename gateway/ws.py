@@ -341,6 +341,8 @@ class Connection:
                     text = self._frame(ev, entry.binary)
                     if text is not None:
                         entry.outbox.append(text)
+                    if isinstance(ev, Done):
+                        self.gw.turn_done(entry)  # a turn boundary: snapshot the session
         except (WebSocketDisconnect, WebSocketDisconnected, OSError):
             self._disconnected = True
         self._ended = True

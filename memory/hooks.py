@@ -72,7 +72,9 @@ class EngineMemory:
         self._out.append(_Segment(session, index, start, host, ready))
         self.peak_pending = max(self.peak_pending, len(self._out))
         if len(self._out) > self.max_pending:
-            log.warning("memory: %d segments waiting to be published (bus slow or away)", len(self._out))
+            log.warning(
+                "memory: %d segments waiting to be published (bus slow or away)", len(self._out)
+            )
         self._wake.set()
 
     def take_updates(self) -> list[MemoryUpdate]:
@@ -88,8 +90,10 @@ class EngineMemory:
         """A version as the engine installs it (padded to capacity; ages come from `written`)."""
         current = context_bytes // self.segment_len
         return MemoryUpdate(
-            session=session, version=memory.version,
-            memory=memory.to_slots(self.capacity, current), written=memory.written(self.capacity),
+            session=session,
+            version=memory.version,
+            memory=memory.to_slots(self.capacity, current),
+            written=memory.written(self.capacity),
             levels=memory.level_summaries(),
         )
 
@@ -115,7 +119,11 @@ class EngineMemory:
                 if seg.ready is not None:
                     await anyio.to_thread.run_sync(seg.ready.synchronize)
                 await self.service.submit_segment(
-                    seg.session, seg.index, seg.index, (seg.start, seg.start + self.segment_len), seg.hidden
+                    seg.session,
+                    seg.index,
+                    seg.index,
+                    (seg.start, seg.start + self.segment_len),
+                    seg.hidden,
                 )
                 self._out.popleft()  # only once JetStream has it: nothing is lost on a retry
                 self.submitted += 1
@@ -135,7 +143,11 @@ class EngineMemory:
         except Exception:  # a bad notice or a bus hiccup: the next notice catches up
             log.exception("memory: could not fetch %s's new version", session)
             return
-        if memory is None or memory.version <= self._installed.get(session, -1) or session not in self._live:
+        if (
+            memory is None
+            or memory.version <= self._installed.get(session, -1)
+            or session not in self._live
+        ):
             return
         self._installed[session] = memory.version
         covered = max((end for _, _, end in memory.spans()), default=0)

@@ -53,6 +53,7 @@ class SnapshotPointer(msgspec.Struct, frozen=True):
     created: float  # unix seconds
     memory_version: int = -1  # -1: no memory in the snapshot
     memory_last_seq: int = -1
+    context_bytes: int = -1  # bytes the session had read (from the caller's meta; -1: unknown)
 
 
 _ptr_enc = msgspec.json.Encoder()
@@ -166,6 +167,7 @@ async def save_snapshot(
         created,
         -1 if memory is None else memory.version,
         -1 if memory is None else memory.last_seq,
+        int((meta or {}).get("context_bytes", -1)),
     )
     old = await snapshot_pointer(bus, session)
     await bus.sessions.put(snapshot_key(session), _ptr_enc.encode(ptr))

@@ -162,7 +162,7 @@ def start_up(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Up:
     url = banner[0].rsplit(" ", 1)[-1]
     nats_line = next(x for x in banner if x.strip().startswith("nats"))
     nats_url = nats_line.split()[1]
-    nats_pid = int(nats_line.split("pid ")[1].split(",")[0])
+    nats_pid = int(nats_line.split("pid ")[1].split(",")[0]) if "pid " in nats_line else -1
     key = next((a for i, a in enumerate(args) if i and args[i - 1] == "--api-key"), "")
     return Up(proc, url, nats_url, nats_pid, key, banner)
 

@@ -3,8 +3,7 @@ the CPU, an API key): a streamed session, resume by token, SSE read by httpx, me
 NATS events, `bwr chat`, the refusal to bind a public address without a key, and a SIGTERM that
 drains and stops everything the process started.
 
-Resuming after the gateway restarts needs session snapshots (the memory work); until they land
-a session lives as long as the process that holds it, so resume is tested within one run.
+Resuming after the gateway restarts (from session snapshots) is in test_restart.py.
 """
 
 from __future__ import annotations
