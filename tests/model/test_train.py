@@ -1,0 +1,131 @@
+"""Training: `tiny` learns English from a small text file, and `bwr train` / `bwr model info` work
+end to end. The text is tests/data/english.txt (plain English prose written for these tests)."""
+
+from __future__ import annotations
+
+import math
+import re
+from pathlib import Path
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from gateway.cli import main as bwr
+from model import ByteLM, ModelConfig
+from model.codec import EOS
+from model.train import TrainConfig, file_documents, lr_at, pack, train, unigram_entropy
+
+TEXT = Path(__file__).parent.parent / "data" / "english.txt"
+
+
+def test_unigram_entropy() -> None:
+    assert unigram_entropy(b"aaaa") == 0.0
+    assert math.isclose(unigram_entropy(bytes(range(256)) * 3), math.log(256), rel_tol=1e-9)
+    assert math.isclose(unigram_entropy(b"abab"), math.log(2), rel_tol=1e-9)
+
+
+def test_pack_streams_documents_with_eos() -> None:
+    docs = [b"hello", b"world!", b"xy"] * 10
+    batches = list(pack(iter(docs), batch_size=2, seq_len=7))
+    flat = torch.cat([torch.tensor([*d, EOS]) for d in docs])
+    assert all(b.shape == (2, 8) for b in batches)
+    assert len(batches) == flat.numel() // 16
+    assert torch.equal(torch.cat([b.flatten() for b in batches]), flat[: 16 * len(batches)])
+
+
+def test_lr_schedule() -> None:
+    cfg = TrainConfig(steps=100, warmup=10, lr=1.0, min_lr_ratio=0.1)
+    assert lr_at(0, cfg) == pytest.approx(0.1)
+    assert lr_at(9, cfg) == pytest.approx(1.0)
+    assert lr_at(10, cfg) == pytest.approx(1.0)
+    assert lr_at(99, cfg) == pytest.approx(0.1, abs=1e-3)
+    assert lr_at(1000, cfg) == pytest.approx(0.1)
+
+
+def test_time_budget_ends_training_early() -> None:
+    """A budget spent before the pace is measured ends training right after measuring it."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig.named("tiny"))
+    cfg = TrainConfig(
+        steps=1000, batch_size=2, seq_len=16, warmup=2, log_every=1, time_budget_s=1e-9
+    )
+    logs = train(model, pack(file_documents(TEXT, doc_bytes=256), 2, 16), cfg)
+    assert [e.step for e in logs] == list(range(cfg.warmup + 6))
+
+
+@pytest.mark.slow
+def test_tiny_learns_english() -> None:
+    """300 steps take the loss well below what a model that ignores context can reach."""
+    data = TEXT.read_bytes()
+    entropy = unigram_entropy(data)  # about 2.9 nats for English prose
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig.named("tiny"))
+    cfg = TrainConfig(steps=300, batch_size=8, seq_len=128, log_every=50)
+    logs = train(
+        model, pack(file_documents(TEXT, doc_bytes=1024), cfg.batch_size, cfg.seq_len), cfg
+    )
+    assert logs[0].loss > entropy  # starts near log(260), ignorant
+    assert logs[-1].step == cfg.steps - 1
+    assert logs[-1].loss < 0.6 * entropy, [(e.step, round(e.loss, 3)) for e in logs]
+    assert not model.training
+
+    # The same holds over the whole text, not only the last batch.
+    ids = torch.tensor(list(data[: (len(data) // 1025) * 1025])).view(-1, 1025)
+    with torch.no_grad():
+        logits = model(ids[:, :-1])
+    loss = F.cross_entropy(logits.reshape(-1, logits.shape[-1]), ids[:, 1:].reshape(-1)).item()
+    assert loss < 0.6 * entropy
+
+
+def test_bwr_train_writes_a_loadable_checkpoint(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ckpt"
+    rc = bwr(
+        [
+            "train",
+            "--text",
+            str(TEXT),
+            "--config",
+            "tiny",
+            "--steps",
+            "5",
+            "--out",
+            str(out),
+            "--device",
+            "cpu",
+        ]
+    )
+    assert rc == 0
+    printed = capsys.readouterr().out
+    assert re.search(r"step\s+4\s+loss \d+\.\d+", printed), printed
+    assert f"saved {out}" in printed
+
+    model = ByteLM.load(str(out))
+    assert model.config == ModelConfig.named("tiny")
+    with torch.no_grad():
+        assert torch.isfinite(model(torch.tensor([list(b"The river")]))).all()
+
+    assert bwr(["model", "info", str(out)]) == 0
+    assert f"{model.num_parameters():,}" in capsys.readouterr().out
+
+
+def test_bwr_train_needs_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    assert bwr(["train", "--out", str(tmp_path / "x")]) == 2
+    assert "--text FILE is required" in capsys.readouterr().err
+
+
+def test_bwr_model_info(capsys: pytest.CaptureFixture[str]) -> None:
+    assert bwr(["model", "info"]) == 0
+    rows = {}
+    for line in capsys.readouterr().out.splitlines()[1:]:
+        name, params, width, layout = line.split()[:4]
+        rows[name] = (int(params.replace(",", "")), int(width), layout)
+    assert list(rows) == ["tiny", "small", "base"]
+    for name, (_, width, layout) in rows.items():
+        cfg = ModelConfig.named(name)
+        assert (width, layout) == (cfg.d_model, cfg.layout)
+    assert rows["tiny"][0] < 1_000_000
+    assert 5_000_000 < rows["small"][0] < 20_000_000
+    assert 50_000_000 < rows["base"][0] < 200_000_000
