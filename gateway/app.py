@@ -29,7 +29,7 @@ from starlette.routing import BaseRoute, Route, WebSocketRoute
 from starlette.types import ASGIApp, Receive, Scope, Send
 
 from engine import Engine, EngineConfig, MemoryHooks
-from gateway import http, openai, ws
+from gateway import http, openai, web, ws
 from gateway.config import GatewayConfig
 from gateway.events import EventBus
 from gateway.metrics import GatewayStats, Sources, make_registry
@@ -39,7 +39,8 @@ from model import ByteLM
 
 log = logging.getLogger("bwr.gateway")
 
-OPEN_PATHS = frozenset({"/healthz", "/readyz"})
+OPEN_PATHS = frozenset({"/healthz", "/readyz", "/"})  # the page asks for the key itself
+OPEN_PREFIX = "/static/"  # the page's scripts and styles: nothing in them is private
 
 
 class MemoryInspector(Protocol):
@@ -90,6 +91,7 @@ class Gateway:
         self.closing = False
         self.started_at = time.time()
         self.events: EventBus | None = None
+        self.feed = web.Feed()  # the page's event feed (GET /v1/events), with or without NATS
         self._engine: Engine | None = None
         self._running = False  # between engine start and engine shutdown
         self._registry: SessionRegistry | None = None
@@ -154,6 +156,7 @@ class Gateway:
         return ready, {"ready": ready, "engine": engine_ok, "closing": self.closing, "nats": nats}
 
     def emit(self, kind: str, payload: dict[str, Any]) -> None:
+        self.feed.publish(kind, payload)
         if self.events is not None:
             self.events.publish(kind, payload)
 
@@ -176,6 +179,12 @@ class Gateway:
             "weights_version": m.weights_version,
             "connections": self.stats.connections,
         }
+
+    def engine_event(self) -> dict[str, Any]:
+        """The periodic summary, handed to the page's feed too (one caller: summary() resets)."""
+        out = self.summary()
+        self.feed.publish("engine", out)
+        return out
 
     # ----- lifecycle -----
 
@@ -251,7 +260,9 @@ class Gateway:
             async with anyio.create_task_group() as tg:
                 tg.start_soon(self._reaper)
                 if self.events is not None:
-                    tg.start_soon(self.events.run, self.summary)
+                    tg.start_soon(self.events.run, self.engine_event)
+                else:
+                    tg.start_soon(self.feed.tick, self.engine_event, self.config.events_interval_s)
                 if plugin is not None:
                     await tg.start(plugin.run, engine)
                 yield
@@ -311,7 +322,9 @@ class AuthMiddleware:
                     owner = self.gw.key_owner(key.strip())
         scope["bwr.owner"] = owner or "anonymous"
         scope["bwr.authorized"] = owner is not None
-        if owner is None and scope["type"] == "http" and scope["path"] not in OPEN_PATHS:
+        path = scope["path"]
+        public = path in OPEN_PATHS or path.startswith(OPEN_PREFIX)
+        if owner is None and scope["type"] == "http" and not public:
             self.gw.stats.error("unauthorized")
             response = http.error_response(
                 401, "unauthorized", "this route needs Authorization: Bearer <API key>"
@@ -330,7 +343,6 @@ async def _http_error(request: Request, exc: Exception) -> Response:
 
 def routes() -> list[BaseRoute]:
     return [
-        Route("/", http.index),
         Route("/healthz", http.healthz),
         Route("/readyz", http.readyz),
         Route("/metrics", http.metrics),
@@ -346,6 +358,7 @@ def routes() -> list[BaseRoute]:
         Route("/v1/chat/completions", openai.chat_completions, methods=["POST"]),
         WebSocketRoute("/v1/stream", ws.stream_new),
         WebSocketRoute("/v1/sessions/{sid}/stream", ws.stream_session),
+        *web.routes(),
     ]
 
 

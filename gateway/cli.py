@@ -37,11 +37,12 @@ def _train(args: argparse.Namespace) -> int:
     from model import ByteLM, ModelConfig
     from model.train import StepLog, TrainConfig, file_documents, pack, train
 
-    if args.text is None:
-        print(
-            "bwr train: --text FILE is required (the NATS consumer comes with --nats-url)",
-            file=sys.stderr,
-        )
+    if getattr(args, "nats_url", None):
+        from memory.train_cli import run_train_nats
+
+        return run_train_nats(args)  # the DOCS stream consumer (durable `trainer`)
+    if args.text is None or args.out is None:
+        print("bwr train: give --text FILE --out DIR, or --nats-url URL", file=sys.stderr)
         return 2
     torch.manual_seed(args.seed)
     device = _pick_device(args.device)
@@ -70,6 +71,16 @@ def _train(args: argparse.Namespace) -> int:
     train(model, pack(docs, cfg.batch_size, cfg.seq_len), cfg, on_log=log)
     model.save(args.out, dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32)
     print(f"saved {args.out}")
+    return 0
+
+
+def _worker(args: argparse.Namespace) -> int:
+    from memory.service import run_worker_process
+    from model import ModelConfig
+    from model.config import PRESETS
+
+    model = ModelConfig.named(args.model) if args.model in PRESETS else args.model
+    run_worker_process(args.nats_url, model, workers=args.workers, device=_pick_device(args.device))
     return 0
 
 
@@ -107,8 +118,25 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--device", default="auto")
     tr.add_argument("--minutes", type=float, default=0.0, help="time budget (0: run all steps)")
     tr.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32")
-    tr.add_argument("--out", required=True, help="checkpoint directory to write")
+    tr.add_argument("--out", default=None, help="checkpoint directory to write (with --text)")
+    tr.add_argument("--nats-url", default=None, help="train from the DOCS stream instead of a file")
+    from memory.train_cli import add_train_nats_arguments
+
+    add_train_nats_arguments(tr)
     tr.set_defaults(func=_train)
+
+    ing = sub.add_parser("ingest", help="publish documents to a namespace over NATS")
+    from memory.ingest import add_ingest_arguments, run_ingest
+
+    add_ingest_arguments(ing)
+    ing.set_defaults(func=run_ingest)
+
+    wk = sub.add_parser("worker", help="memory consolidation workers (scale-out process)")
+    wk.add_argument("--nats-url", required=True)
+    wk.add_argument("--model", default="tiny", help="checkpoint directory, or a named config")
+    wk.add_argument("--workers", type=int, default=2)
+    wk.add_argument("--device", default="cpu")
+    wk.set_defaults(func=_worker)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
     bsub = bench.add_subparsers(dest="bench_command", required=True)
@@ -169,6 +197,15 @@ def build_parser() -> argparse.ArgumentParser:
     upp.add_argument(
         "--memory-workers", type=int, default=2, help="consolidation workers in this process"
     )
+    upp.add_argument(
+        "--train", action="store_true", help="train on ingested documents beside the engine"
+    )
+    upp.add_argument(
+        "--train-every", type=int, default=50, help="trainer steps between checkpoints"
+    )
+    upp.add_argument(
+        "--train-arg", action="append", default=[], help="extra `bwr train` flag (repeatable)"
+    )
     upp.set_defaults(func=_up)
 
     ch = sub.add_parser("chat", help="stream a session in the terminal")
@@ -211,6 +248,9 @@ def _up(args: argparse.Namespace) -> int:
             drain_s=args.drain,
             memory=not args.no_memory,
             memory_workers=args.memory_workers,
+            train=args.train,
+            train_every=args.train_every,
+            train_args=tuple(args.train_arg),
         )
     except ValueError as e:
         print(f"bwr up: {e}", file=sys.stderr)

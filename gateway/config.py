@@ -56,6 +56,9 @@ class GatewayConfig:
     nats_required: bool = False  # /readyz fails while NATS is unreachable
     memory: bool = True  # with NATS: consolidate session memories, snapshot sessions, resume them
     memory_workers: int = 2  # consolidation workers in this process
+    train: bool = False  # run the DOCS training consumer beside the engine (needs NATS)
+    train_every: int = 50  # trainer steps between checkpoints (each one hot-reloaded)
+    train_args: tuple[str, ...] = ()  # more `bwr train` flags for that trainer
     events_interval_s: float = 1.0  # period of the `events.engine` throughput summary
     events_queue: int = 1024  # events waiting to be published (more are dropped and counted)
     data_dir: str = ".data"  # local state: the embedded nats-server's store lives in data_dir/nats

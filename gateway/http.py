@@ -1,6 +1,6 @@
 """http.py serves the plain HTTP API: sessions (create, list, get, delete), a session's memory,
-namespaces, info, health and readiness probes, Prometheus metrics, the OpenAPI document and the
-placeholder page at `/`.
+namespaces, info, health and readiness probes, Prometheus metrics, and the OpenAPI document
+(web.py serves the page at `/`).
 
 Every error is JSON `{"error": {"code", "message", "type"}}` with the same codes as the WebSocket
 protocol. http.py never streams (ws.py and openai.py do) and never reads the environment.
@@ -13,7 +13,7 @@ from typing import TYPE_CHECKING, Any
 
 import orjson
 from starlette.requests import ClientDisconnect, Request
-from starlette.responses import HTMLResponse, Response
+from starlette.responses import Response
 
 from engine import EngineError
 from gateway.metrics import CONTENT_TYPE, exposition
@@ -111,19 +111,6 @@ def session_token(request: Request) -> str | None:
 
 
 # ----- pages and probes -----
-
-INDEX = """<!doctype html><meta charset="utf-8"><title>BWR-DNC</title>
-<body style="font-family:system-ui;max-width:40em;margin:3em auto;line-height:1.5">
-<h1>BWR-DNC gateway</h1>
-<p>The dashboard is coming. Until then: <code>bwr chat</code> in a terminal, or the API:</p>
-<ul><li>WebSocket <code>/v1/stream</code></li><li><a href="/v1/info">/v1/info</a></li>
-<li><a href="/metrics">/metrics</a></li><li><a href="/openapi.json">/openapi.json</a></li>
-<li>OpenAI-style <code>POST /v1/completions</code>, <code>POST /v1/chat/completions</code></li></ul>
-<p>docs/PROTOCOL.md describes the protocol.</p></body>"""
-
-
-async def index(request: Request) -> Response:
-    return HTMLResponse(INDEX)
 
 
 async def healthz(request: Request) -> Response:

@@ -14,6 +14,7 @@ import base64
 import hashlib
 import hmac
 import logging
+from functools import partial
 from typing import Any
 
 import anyio
@@ -22,9 +23,16 @@ from anyio.abc import TaskStatus
 from engine import Engine, SessionSnapshot, UnknownSession
 from memory.config import MemoryConfig
 from memory.hooks import EngineMemory
-from memory.namespaces import namespace_info, namespace_memory
+from memory.namespaces import namespace_info, namespace_memory, serve_ingest
+from memory.reload import follow_model_updates
 from memory.service import MemoryService, model_compressor
-from memory.snapshots import IncompatibleSnapshot, SnapshotError, load_snapshot, save_snapshot
+from memory.snapshots import (
+    IncompatibleSnapshot,
+    SnapshotError,
+    load_snapshot,
+    model_fingerprint,
+    save_snapshot,
+)
 from model import ByteLM
 
 log = logging.getLogger("bwr.persistence")
@@ -42,9 +50,17 @@ def token_hash(token: str) -> str:
 
 class MemoryPlugin:
     def __init__(
-        self, nats_url: str, model: ByteLM, config: MemoryConfig | None = None, workers: int = 2
+        self,
+        nats_url: str,
+        model: ByteLM,
+        config: MemoryConfig | None = None,
+        workers: int = 2,
+        data_dir: str = ".data",
+        ingest: bool = True,
     ) -> None:
         self.url = nats_url
+        self.data_dir = data_dir  # fetched checkpoints land in data_dir/checkpoints
+        self.ingest = ingest  # run the DOCS ingest worker in this process
         self.model = model
         self.config = config or MemoryConfig()
         self.workers = workers
@@ -66,12 +82,25 @@ class MemoryPlugin:
     async def run(
         self, engine: Engine, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED
     ) -> None:
-        """Workers, the hooks' publisher and the snapshot writer, until cancelled."""
+        """Consolidation workers, the hooks' publisher, the ingest worker, the follower of
+        model.updated (hot reload between steps) and the snapshot writer, until cancelled."""
         assert self.service is not None and self.hooks is not None
         self.engine = engine
         async with anyio.create_task_group() as tg:
             await tg.start(self.service.run_workers, self.workers)
             await tg.start(self.hooks.run)
+            if self.ingest:
+                await tg.start(
+                    partial(serve_ingest, self.url, self.model, memory_config=self.config)
+                )
+            follow = partial(
+                follow_model_updates,
+                self.service.bus,
+                engine.load_weights,
+                data_dir=self.data_dir,
+                fingerprint=model_fingerprint(self.model.config),
+            )
+            await tg.start(follow)
             tg.start_soon(self._writer)
             task_status.started()
 

@@ -13,6 +13,7 @@ import contextlib
 import logging
 import signal
 import socket
+import subprocess
 import sys
 from collections.abc import Generator
 from dataclasses import replace
@@ -184,6 +185,44 @@ async def _serve(
     return server.started
 
 
+def start_trainer(cfg: GatewayConfig, model: str, device: str) -> subprocess.Popen[bytes]:
+    """`bwr up --train`: the DOCS training consumer as a child process beside the engine. It
+    starts from the served model (a checkpoint directory or a named config), checkpoints to the
+    bus every cfg.train_every steps, and the engine reloads each checkpoint between steps."""
+    start = ["--resume", model, "--config", model] if Path(model).is_dir() else ["--config", model]
+    cmd = [
+        sys.executable,
+        "-m",
+        "gateway.cli",
+        "train",
+        "--nats-url",
+        str(cfg.nats_url),
+        *start,
+        "--device",
+        device,
+        "--checkpoint-every",
+        str(cfg.train_every),
+        "--threads",
+        "1",
+        *cfg.train_args,
+    ]
+    log = open(Path(cfg.data_dir) / "trainer.log", "ab")  # noqa: SIM115 - the child owns it
+    print(
+        f"bwr up: trainer pid starting, log {Path(cfg.data_dir) / 'trainer.log'}", file=sys.stderr
+    )
+    return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
+    if proc.poll() is None:
+        proc.terminate()
+        try:
+            proc.wait(timeout)
+        except subprocess.TimeoutExpired:
+            proc.kill()
+            proc.wait()
+
+
 def _terminate(sig: int, frame: object) -> None:
     raise KeyboardInterrupt
 
@@ -209,6 +248,7 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
     for noisy in ("nats", "bwr.events"):
         logging.getLogger(noisy).setLevel(logging.WARNING)
     nats: NatsServer | None = None
+    trainer: subprocess.Popen[bytes] | None = None
     try:
         if device == "auto":
             import torch
@@ -224,6 +264,10 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
             except NatsServerError as e:
                 print(f"bwr up: {e}; serving without NATS", file=sys.stderr, flush=True)
                 nats = None
+        if cfg.train and cfg.nats_url is not None:
+            trainer = start_trainer(
+                cfg, model_spec or str(info.get("checkpoint") or "tiny"), device
+            )
         from engine import EngineConfig
         from gateway.app import create_app, package_version
 
@@ -236,7 +280,9 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
             from gateway.app import Hooks
             from gateway.persistence import MemoryPlugin
 
-            plugin = MemoryPlugin(cfg.nats_url, model, workers=cfg.memory_workers)
+            plugin = MemoryPlugin(
+                cfg.nats_url, model, workers=cfg.memory_workers, data_dir=cfg.data_dir
+            )
             hooks = Hooks(persistence=plugin)
             engine_config = replace(engine_config, memory_capacity=plugin.capacity)
         app = create_app(cfg, model, engine_config, hooks=hooks, info=info)
@@ -251,6 +297,8 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
         started = False
     finally:
         sock.close()
+        if trainer is not None:
+            stop_process(trainer)
         if nats is not None:
             nats.stop()
     print("bwr up: stopped", file=sys.stderr, flush=True)
