@@ -5,7 +5,7 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run test lint bench clean
+.PHONY: run test lint bench loadtest clean
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -30,6 +30,13 @@ lint: $(STAMP)
 	$(BIN)/ruff check .
 	$(BIN)/ruff format --check .
 	$(BIN)/mypy
+
+# `make loadtest USERS=200 SPAWN_RATE=50 DURATION=60` (env BWR_* sets the mix; README.md).
+USERS ?= 50
+SPAWN_RATE ?= 25
+DURATION ?= 60
+loadtest: $(STAMP)
+	USERS=$(USERS) SPAWN_RATE=$(SPAWN_RATE) DURATION=$(DURATION) $(BIN)/python -m loadtest.run
 
 clean:
 	rm -rf $(VENV) .data
