@@ -56,7 +56,9 @@ def pct(values: list[float], q: float) -> float:
 # ----- serve: the asyncio engine, batched vs one at a time -----
 
 
-async def _serve(model: ByteLM, device: str, sessions: int, nbytes: int, prompt: bytes, concurrent: bool) -> dict[str, Any]:
+async def _serve(
+    model: ByteLM, device: str, sessions: int, nbytes: int, prompt: bytes, concurrent: bool
+) -> dict[str, Any]:
     cfg = EngineConfig(max_slots=sessions if concurrent else 1, device=device, lag_limit=1 << 20)
     engine = Engine(model, cfg)
     await engine.start()
@@ -92,7 +94,9 @@ async def _serve(model: ByteLM, device: str, sessions: int, nbytes: int, prompt:
     wall = time.perf_counter() - t0
     await engine.shutdown()
     return {
-        "tokens": total, "seconds": wall, "tokens_per_s": total / wall,
+        "tokens": total,
+        "seconds": wall,
+        "tokens_per_s": total / wall,
         "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99)},
         "itl_ms": {"p50": 1e3 * pct(itl, 0.5), "p99": 1e3 * pct(itl, 0.99)},
         "steps": engine.metrics.steps,
@@ -106,16 +110,29 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
     batched = asyncio.run(_serve(model, args.device, args.sessions, args.bytes, prompt, True))
     baseline = asyncio.run(_serve(model, args.device, args.sessions, args.bytes, prompt, False))
     result = {
-        "bench": "engine.serve", "model": args.model, "device": args.device, "sessions": args.sessions,
-        "bytes": args.bytes, "prompt": len(prompt), "batched": batched, "baseline": baseline,
+        "bench": "engine.serve",
+        "model": args.model,
+        "device": args.device,
+        "sessions": args.sessions,
+        "bytes": args.bytes,
+        "prompt": len(prompt),
+        "batched": batched,
+        "baseline": baseline,
         "speedup": batched["tokens_per_s"] / baseline["tokens_per_s"],
-        "ttft_ms": batched["ttft_ms"], "itl_ms": batched["itl_ms"],
+        "ttft_ms": batched["ttft_ms"],
+        "itl_ms": batched["itl_ms"],
     }
-    print(f"engine serve: {args.model} on {args.device}, {args.sessions} sessions x {args.bytes} bytes, prompt {len(prompt)} B")
-    print(f"{'run':<10} {'tokens/s':>12} {'seconds':>9} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>9} {'ITL p99':>9}")
+    print(
+        f"engine serve: {args.model} on {args.device}, {args.sessions} sessions x {args.bytes} bytes, prompt {len(prompt)} B"
+    )
+    print(
+        f"{'run':<10} {'tokens/s':>12} {'seconds':>9} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>9} {'ITL p99':>9}"
+    )
     for name, r in (("batched", batched), ("baseline", baseline)):
-        print(f"{name:<10} {r['tokens_per_s']:>12,.0f} {r['seconds']:>9.2f} {r['ttft_ms']['p50']:>8.1f}ms {r['ttft_ms']['p99']:>8.1f}ms "
-              f"{r['itl_ms']['p50']:>7.2f}ms {r['itl_ms']['p99']:>7.2f}ms")
+        print(
+            f"{name:<10} {r['tokens_per_s']:>12,.0f} {r['seconds']:>9.2f} {r['ttft_ms']['p50']:>8.1f}ms {r['ttft_ms']['p99']:>8.1f}ms "
+            f"{r['itl_ms']['p50']:>7.2f}ms {r['itl_ms']['p99']:>7.2f}ms"
+        )
     print(f"speedup batched / baseline: {result['speedup']:.1f}x")
     return result
 
@@ -186,18 +203,32 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
             # context's state is copied into every slot and decode is timed.
             try:
                 cfg = EngineConfig(
-                    max_slots=batch, device=device, cuda_graphs=mode != "eager", compile=mode.startswith("compile"),
+                    max_slots=batch,
+                    device=device,
+                    cuda_graphs=mode != "eager",
+                    compile=mode.startswith("compile"),
                     decode_dtype="bfloat16" if mode.endswith("bf16") else "float32",
                 )
                 runner = Runner(model, cfg)
-                feeds = tuple(Feed(f"s{i}", i, bytes([65 + i % 26]), 1000, True) for i in range(batch))
+                feeds = tuple(
+                    Feed(f"s{i}", i, bytes([65 + i % 26]), 1000, True) for i in range(batch)
+                )
                 plan = StepPlan((), feeds, (), ())
                 t0 = time.perf_counter()
-                _time_steps(runner, plan, 3 if mode == "eager" else 5)  # the first call captures/compiles
+                _time_steps(
+                    runner, plan, 3 if mode == "eager" else 5
+                )  # the first call captures/compiles
                 setup_s = time.perf_counter() - t0
             except Exception as e:  # report, keep measuring the other points
                 for ctx in contexts:
-                    rows.append({"batch": batch, "mode": mode, "context": ctx, "error": f"{type(e).__name__}: {e}"[:400]})
+                    rows.append(
+                        {
+                            "batch": batch,
+                            "mode": mode,
+                            "context": ctx,
+                            "error": f"{type(e).__name__}: {e}"[:400],
+                        }
+                    )
                 print(f"batch {batch} {mode}: {type(e).__name__}: {str(e)[:300]}", flush=True)
                 continue
             for ctx in contexts:
@@ -207,29 +238,52 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                 med = statistics.median(times)
                 replay = _replay_ms(runner, batch)
                 r = {
-                    "batch": batch, "mode": mode, "context": ctx, "step_ms": 1e3 * med,
-                    "step_ms_p99": 1e3 * pct(times, 0.99), "tokens_per_s": batch / med,
-                    "replay_ms": replay, "replay_tokens_per_s": batch / (replay / 1e3) if replay else None,
-                    "setup_s": setup_s, "prefill_bytes_per_s": prefill_rate[ctx],
+                    "batch": batch,
+                    "mode": mode,
+                    "context": ctx,
+                    "step_ms": 1e3 * med,
+                    "step_ms_p99": 1e3 * pct(times, 0.99),
+                    "tokens_per_s": batch / med,
+                    "replay_ms": replay,
+                    "replay_tokens_per_s": batch / (replay / 1e3) if replay else None,
+                    "setup_s": setup_s,
+                    "prefill_bytes_per_s": prefill_rate[ctx],
                 }
                 rows.append(r)
-                extra = f"  replay {replay:.3f} ms ({batch / (replay / 1e3):,.0f} tok/s)" if replay else ""
-                print(f"{mode:<8} batch {batch:>5} ctx {ctx:>8,}: {1e3 * med:8.3f} ms/step {batch / med:>12,.0f} tok/s{extra}", flush=True)
+                extra = (
+                    f"  replay {replay:.3f} ms ({batch / (replay / 1e3):,.0f} tok/s)"
+                    if replay
+                    else ""
+                )
+                print(
+                    f"{mode:<8} batch {batch:>5} ctx {ctx:>8,}: {1e3 * med:8.3f} ms/step {batch / med:>12,.0f} tok/s{extra}",
+                    flush=True,
+                )
             del runner
             if device.startswith("cuda"):
                 torch.cuda.empty_cache()
     result = {
-        "bench": "engine.decode", "model": args.model, "device": device,
+        "bench": "engine.decode",
+        "model": args.model,
+        "device": device,
         "gpu": torch.cuda.get_device_name() if device.startswith("cuda") else platform.processor(),
-        "params": model.num_parameters(), "state_bytes_per_session": state_bytes, "rows": rows,
+        "params": model.num_parameters(),
+        "state_bytes_per_session": state_bytes,
+        "rows": rows,
     }
-    print(f"\n{args.model}: {model.num_parameters():,} params, state {state_bytes:,} B per session; tokens/s per engine step")
+    print(
+        f"\n{args.model}: {model.num_parameters():,} params, state {state_bytes:,} B per session; tokens/s per engine step"
+    )
     print(f"{'context':>9} {'batch':>6} " + " ".join(f"{m:>14}" for m in modes))
     for ctx in contexts:
         for batch in batches:
             cells = []
             for m in modes:
-                r = next(x for x in rows if x["context"] == ctx and x["batch"] == batch and x["mode"] == m)
+                r = next(
+                    x
+                    for x in rows
+                    if x["context"] == ctx and x["batch"] == batch and x["mode"] == m
+                )
                 cells.append(f"{r.get('tokens_per_s', float('nan')):>14,.0f}")
             print(f"{ctx:>9,} {batch:>6} " + " ".join(cells))
     return result
@@ -265,9 +319,19 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
             with torch.cuda.stream(stream):
                 return model.compress(hidden.to(device), level).cpu()
 
-    out: dict[str, Any] = {"bench": "engine.memory", "model": args.model, "device": device, "sessions": batch}
+    out: dict[str, Any] = {
+        "bench": "engine.memory",
+        "model": args.model,
+        "device": device,
+        "sessions": batch,
+    }
     for memory_on in (False, True):
-        cfg = EngineConfig(max_slots=batch, device=device, cuda_graphs=True, memory_capacity=mem_cfg.max_slots if memory_on else 0)
+        cfg = EngineConfig(
+            max_slots=batch,
+            device=device,
+            cuda_graphs=True,
+            memory_capacity=mem_cfg.max_slots if memory_on else 0,
+        )
         runner = Runner(model, cfg, capture_segments=memory_on)
         stores = [SessionMemory.for_model(mc, mem_cfg) for _ in range(batch)]
         pos = [(i * S) // batch for i in range(batch)]  # staggered: segments close every few steps
@@ -276,28 +340,43 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
         times: list[float] = []
         applied = 0
         for step in range(args.steps + 20):
-            plan = StepPlan((), tuple(Feed(f"s{i}", i, b"a", pos[i], True) for i in range(batch)), (), ())
+            plan = StepPlan(
+                (), tuple(Feed(f"s{i}", i, b"a", pos[i], True) for i in range(batch)), (), ()
+            )
             t0 = time.perf_counter()
             _, closed = runner.execute(plan)
             if step >= 20:
                 times.append(time.perf_counter() - t0)
             pos = [p + 1 for p in pos]
             for seg in closed:
-                inflight.append((seg.slot, seg.index, pool.submit(compress, seg.hidden.unsqueeze(0), 1)))
+                inflight.append(
+                    (seg.slot, seg.index, pool.submit(compress, seg.hidden.unsqueeze(0), 1))
+                )
             for item in [x for x in inflight if x[2].done()]:  # install between steps
                 slot, index, fut = item
                 inflight.remove(item)
                 mem = stores[slot]
                 if index != mem.last_seq + 1:
                     continue
-                stores[slot] = mem = mem.apply_segment(index, fut.result()[0], (index * S, (index + 1) * S), compress)
-                runner.install_memory(slot, mem.to_slots(mem_cfg.max_slots, index + 1), mem.written(mem_cfg.max_slots))
+                stores[slot] = mem = mem.apply_segment(
+                    index, fut.result()[0], (index * S, (index + 1) * S), compress
+                )
+                runner.install_memory(
+                    slot, mem.to_slots(mem_cfg.max_slots, index + 1), mem.written(mem_cfg.max_slots)
+                )
                 applied += 1
         pool.shutdown(wait=True)
         key = "on" if memory_on else "off"
-        out[key] = {"step_ms_p50": 1e3 * pct(times, 0.5), "step_ms_p99": 1e3 * pct(times, 0.99), "segments_applied": applied}
-        print(f"memory {key:<3}: step p50 {out[key]['step_ms_p50']:.3f} ms, p99 {out[key]['step_ms_p99']:.3f} ms, "
-              f"segments consolidated {applied}", flush=True)
+        out[key] = {
+            "step_ms_p50": 1e3 * pct(times, 0.5),
+            "step_ms_p99": 1e3 * pct(times, 0.99),
+            "segments_applied": applied,
+        }
+        print(
+            f"memory {key:<3}: step p50 {out[key]['step_ms_p50']:.3f} ms, p99 {out[key]['step_ms_p99']:.3f} ms, "
+            f"segments consolidated {applied}",
+            flush=True,
+        )
         del runner
     out["p99_ratio"] = out["on"]["step_ms_p99"] / out["off"]["step_ms_p99"]
     print(f"p99 with memory / without: {out['p99_ratio']:.3f}")
@@ -311,15 +390,23 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--bytes", type=int, default=256, help="bytes each session generates")
     p.add_argument("--prompt", type=int, default=64, help="prompt bytes per session")
     p.add_argument("--batches", default=None, help="decode grid: comma-separated batch sizes")
-    p.add_argument("--contexts", default="1k", help="decode grid: comma-separated context lengths (1k, 32k, 128k)")
-    p.add_argument("--modes", default="eager,graph", help="decode grid: eager, graph, compile, compile-bf16")
+    p.add_argument(
+        "--contexts",
+        default="1k",
+        help="decode grid: comma-separated context lengths (1k, 32k, 128k)",
+    )
+    p.add_argument(
+        "--modes", default="eager,graph", help="decode grid: eager, graph, compile, compile-bf16"
+    )
     p.add_argument("--steps", type=int, default=50, help="decode grid: timed steps per point")
     p.add_argument("--memory", action="store_true", help="decode step time with memory on vs off")
     p.add_argument("--json", default=None, help="write the result here")
 
 
 def run(args: argparse.Namespace) -> int:
-    result = memory_compare(args) if args.memory else decode_grid(args) if args.batches else serve(args)
+    result = (
+        memory_compare(args) if args.memory else decode_grid(args) if args.batches else serve(args)
+    )
     result["date"] = time.strftime("%Y-%m-%d")
     result["torch"] = torch.__version__
     if args.json:

@@ -26,7 +26,10 @@ def graph_vs_eager(name: str, batches: list[int], steps: int = 6, compile: bool 
     for batch in batches:
         runners = [
             Runner(model, EngineConfig(max_slots=batch, device="cuda", cuda_graphs=False)),
-            Runner(model, EngineConfig(max_slots=batch, device="cuda", cuda_graphs=True, compile=compile)),
+            Runner(
+                model,
+                EngineConfig(max_slots=batch, device="cuda", cuda_graphs=True, compile=compile),
+            ),
         ]
         init = {k: torch.randn_like(v) * 0.1 for k, v in runners[0].state.items()}
         for r in runners:
@@ -38,15 +41,25 @@ def graph_vs_eager(name: str, batches: list[int], steps: int = 6, compile: bool 
         ids: list[list[list[int]]] = [[], []]
         for _ in range(steps):
             toks = torch.randint(0, 256, (batch,), generator=gen).tolist()
-            plan = StepPlan((), tuple(Feed(f"s{i}", i, bytes([t]), 10, True) for i, t in enumerate(toks)), (), ())
+            plan = StepPlan(
+                (),
+                tuple(Feed(f"s{i}", i, bytes([t]), 10, True) for i, t in enumerate(toks)),
+                (),
+                (),
+            )
             for j, r in enumerate(runners):
                 ids[j].append(r.execute(plan)[0])
         diff = (runners[0].logits[:batch] - runners[1].logits[:batch]).abs().max().item()
-        sdiff = max((runners[0].state[k][:batch] - runners[1].state[k][:batch]).abs().max().item() for k in init)
+        sdiff = max(
+            (runners[0].state[k][:batch] - runners[1].state[k][:batch]).abs().max().item()
+            for k in init
+        )
         same = ids[0] == ids[1]
         ok &= same and diff < 1e-3 and sdiff < 1e-3
         label = "compiled graph" if compile else "graph"
-        print(f"{label} vs eager {name} batch {batch:>4}: sampled equal {same}, max logit diff {diff:.2e}, state diff {sdiff:.2e}")
+        print(
+            f"{label} vs eager {name} batch {batch:>4}: sampled equal {same}, max logit diff {diff:.2e}, state diff {sdiff:.2e}"
+        )
     return ok
 
 
@@ -63,7 +76,9 @@ def parallel_vs_recurrent(name: str, T: int = 300) -> bool:
     return diff < 1e-3
 
 
-def fused_vs_eager(name: str, batch: int = 8, steps: int = 20, dtype: torch.dtype = torch.float32) -> bool:
+def fused_vs_eager(
+    name: str, batch: int = 8, steps: int = 20, dtype: torch.dtype = torch.float32
+) -> bool:
     """The Triton step kernels (used when slots are given on CUDA) against the eager recurrences."""
     torch.manual_seed(0)
     model = ByteLM(ModelConfig.named(name)).cuda().eval()
@@ -81,7 +96,9 @@ def fused_vs_eager(name: str, batch: int = 8, steps: int = 20, dtype: torch.dtyp
             le = model.step(tok, pool_e)
             worst = max(worst, (lf - le).abs().max().item())
     sdiff = max((pool_f[k].index_select(0, slots) - pool_e[k]).abs().max().item() for k in pool_e)
-    print(f"fused vs eager step {name} batch {batch} {dtype}: max logit diff {worst:.2e}, state diff {sdiff:.2e}")
+    print(
+        f"fused vs eager step {name} batch {batch} {dtype}: max logit diff {worst:.2e}, state diff {sdiff:.2e}"
+    )
     if dtype != torch.float32:
         return True  # bf16 weights compute another function: reported, not held to float32's bound
     return worst < 1e-3 and sdiff < 1e-3
@@ -91,7 +108,11 @@ def main() -> int:
     torch.backends.cuda.matmul.allow_tf32 = False
     torch.backends.cudnn.allow_tf32 = False
     ok = parallel_vs_recurrent("tiny") & parallel_vs_recurrent("base", 200)
-    ok &= fused_vs_eager("tiny") & fused_vs_eager("base") & fused_vs_eager("base", dtype=torch.bfloat16)
+    ok &= (
+        fused_vs_eager("tiny")
+        & fused_vs_eager("base")
+        & fused_vs_eager("base", dtype=torch.bfloat16)
+    )
     ok &= graph_vs_eager("tiny", [1, 3, 8, 16]) & graph_vs_eager("base", [1, 16])
     if "--compile" in sys.argv:
         ok &= graph_vs_eager("base", [4], compile=True)

@@ -17,7 +17,13 @@ from engine.types import Delta, Done, Event, MemoryNotice
 
 
 class Collector:
-    def __init__(self, *, binary: bool = False, lag_limit: int = 4096, on_lag: Callable[[bool], None] | None = None) -> None:
+    def __init__(
+        self,
+        *,
+        binary: bool = False,
+        lag_limit: int = 4096,
+        on_lag: Callable[[bool], None] | None = None,
+    ) -> None:
         self.binary = binary
         self.lag_limit = lag_limit
         self._on_lag = on_lag

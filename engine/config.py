@@ -1,4 +1,5 @@
-"""EngineConfig: the engine's knobs. Read by entry points from flags; never from the environment here."""
+"""EngineConfig: the engine's knobs. Entry points fill it from flags; it never reads the
+environment."""
 
 from __future__ import annotations
 

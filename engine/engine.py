@@ -12,6 +12,7 @@ out, new memory versions in, applied only between steps), and callers use `Sessi
 from __future__ import annotations
 
 import asyncio
+import contextlib
 import logging
 import secrets
 import time
@@ -29,8 +30,16 @@ from engine.metrics import EngineMetrics
 from engine.runner import ClosedSegment, Runner
 from engine.scheduler import Emitted, Finished, Outcome, Scheduler, StepPlan
 from engine.types import (
-    Busy, Done, Event, IncompatibleWeights, InputTooLarge, MemoryNotice, SamplingParams,
-    SessionClosed, ShuttingDown, UnknownSession,
+    Busy,
+    Done,
+    Event,
+    IncompatibleWeights,
+    InputTooLarge,
+    MemoryNotice,
+    SamplingParams,
+    SessionClosed,
+    ShuttingDown,
+    UnknownSession,
 )
 from model import ByteLM, MemorySlots
 
@@ -50,7 +59,7 @@ class MemoryHooks(Protocol):
     """What the engine asks of a memory system. Called on the event loop, between steps."""
 
     def segment_closed(self, session: str, index: int, start: int, hidden: Tensor) -> None:
-        """A session's segment `index` (bytes start..start+S) closed; hidden (S, D) on the device."""
+        """Segment `index` of a session (bytes start..start+S) closed; hidden (S, D), on device."""
 
     def take_updates(self) -> list[MemoryUpdate]:
         """New memory versions ready to install (the engine installs them before the next step)."""
@@ -88,7 +97,7 @@ class Session:
         self.closed = False
 
     def submit(self, data: bytes | str, params: SamplingParams | None = None) -> None:
-        """Queue input (also while generating: the turn in progress ends, the input is read next)."""
+        """Queue input (also while generating: the turn ends, the input is read next)."""
         self._engine._submit(self, data.encode() if isinstance(data, str) else bytes(data), params)
 
     def cancel(self) -> None:
@@ -115,11 +124,15 @@ class Session:
 
 
 class Engine:
-    def __init__(self, model: ByteLM, config: EngineConfig | None = None, hooks: MemoryHooks | None = None) -> None:
+    def __init__(
+        self, model: ByteLM, config: EngineConfig | None = None, hooks: MemoryHooks | None = None
+    ) -> None:
         self.config = config or EngineConfig()
         self.hooks = hooks
         self.runner = Runner(model, self.config, capture_segments=hooks is not None)
-        self.scheduler = Scheduler(self.config.max_slots, self.config.prefill_budget, self.config.prefill_chunk)
+        self.scheduler = Scheduler(
+            self.config.max_slots, self.config.prefill_budget, self.config.prefill_chunk
+        )
         self.metrics = EngineMetrics()
         self.sessions: dict[str, Session] = {}
         self._clocks: dict[str, _TurnClock] = {}
@@ -142,7 +155,9 @@ class Engine:
 
     async def start(self) -> None:
         if self.runner.graphs is not None:
-            await asyncio.get_running_loop().run_in_executor(self._executor, self.runner.graphs.capture_all)
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.runner.graphs.capture_all
+            )
         self._task = asyncio.create_task(self._loop(), name="bwr-engine")
 
     async def __aenter__(self) -> Engine:
@@ -156,7 +171,12 @@ class Engine:
         """Stop intake, let running turns finish (up to drain_s), close every session, stop."""
         self._closing = True
         deadline = time.monotonic() + drain_s
-        while self.scheduler.running and time.monotonic() < deadline and self._task and not self._task.done():
+        while (
+            self.scheduler.running
+            and time.monotonic() < deadline
+            and self._task
+            and not self._task.done()
+        ):
             await asyncio.sleep(0.01)
         for session in list(self.sessions.values()):
             self._close(session)
@@ -167,7 +187,13 @@ class Engine:
 
     # ----- caller API (event loop only) -----
 
-    def open(self, sid: str | None = None, *, binary: bool = False, restore: SessionSnapshot | None = None) -> Session:
+    def open(
+        self,
+        sid: str | None = None,
+        *,
+        binary: bool = False,
+        restore: SessionSnapshot | None = None,
+    ) -> Session:
         """Open a session (id: unguessable unless given), fresh or from a snapshot; raises Busy
         when no slot is free."""
         if self._closing:
@@ -179,13 +205,22 @@ class Engine:
             if restore is None:
                 self.scheduler.admit(sid)
             else:
-                slot = self.scheduler.adopt(sid, restore.context_bytes, restore.pending, has_logits=restore.context_bytes > 0)
+                slot = self.scheduler.adopt(
+                    sid,
+                    restore.context_bytes,
+                    restore.pending,
+                    has_logits=restore.context_bytes > 0,
+                )
                 self._restores.append((slot, restore))  # loaded before the next step
                 if restore.memory_version >= 0:
                     self.memory_versions[sid] = restore.memory_version
         except LookupError:
             raise Busy(f"all {self.config.max_slots} session slots are in use") from None
-        collector = Collector(binary=binary, lag_limit=self.config.lag_limit, on_lag=lambda lag: self._on_lag(sid, lag))
+        collector = Collector(
+            binary=binary,
+            lag_limit=self.config.lag_limit,
+            on_lag=lambda lag: self._on_lag(sid, lag),
+        )
         session = Session(self, sid, collector)
         self.sessions[sid] = session
         self.metrics.sessions = len(self.sessions)
@@ -207,10 +242,15 @@ class Engine:
     def _submit(self, session: Session, data: bytes, params: SamplingParams | None) -> None:
         self._live(session)
         if len(data) > self.config.max_input_bytes:
-            raise InputTooLarge(f"{len(data)} bytes in one input; the limit is {self.config.max_input_bytes}")
+            raise InputTooLarge(
+                f"{len(data)} bytes in one input; the limit is {self.config.max_input_bytes}"
+            )
         seq = self.scheduler.seqs[session.id]
         if len(seq.pending) + len(data) > self.config.max_pending_bytes:
-            raise Busy(f"session {session.id} has {len(seq.pending)} unread bytes; the inbox holds {self.config.max_pending_bytes}")
+            raise Busy(
+                f"session {session.id} has {len(seq.pending)} unread bytes;"
+                f" the inbox holds {self.config.max_pending_bytes}"
+            )
         if not data and (params is None or params.max_bytes == 0):
             return
         self._emit(self.scheduler.submit(session.id, data, params))
@@ -258,11 +298,18 @@ class Engine:
                 fut.set_exception(UnknownSession(f"no open session {sid!r}"))
                 continue
             r = self.runner
-            fut.set_result(SessionSnapshot(
-                session=sid, state={k: v.cpu() for k, v in r.state_rows(seq.slot).items()},
-                logits=r.logits[seq.slot].cpu(), seed=int(r.seed[seq.slot]), counter=int(r.counter[seq.slot]),
-                context_bytes=seq.fed, pending=bytes(seq.pending), memory_version=self.memory_versions.get(sid, -1),
-            ))
+            fut.set_result(
+                SessionSnapshot(
+                    session=sid,
+                    state={k: v.cpu() for k, v in r.state_rows(seq.slot).items()},
+                    logits=r.logits[seq.slot].cpu(),
+                    seed=int(r.seed[seq.slot]),
+                    counter=int(r.counter[seq.slot]),
+                    context_bytes=seq.fed,
+                    pending=bytes(seq.pending),
+                    memory_version=self.memory_versions.get(sid, -1),
+                )
+            )
         self._snapshot_waiters.clear()
 
     def _on_lag(self, sid: str, lagging: bool) -> None:
@@ -304,15 +351,15 @@ class Engine:
             plan = self.scheduler.schedule()
             if not plan:
                 self._wake.clear()
-                try:
+                with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.config.idle_wait_s)
-                except TimeoutError:
-                    pass
                 continue
             t0 = time.perf_counter()
             try:
                 if self.config.threaded_steps:
-                    sampled, closed = await loop.run_in_executor(self._executor, self.runner.execute, plan)
+                    sampled, closed = await loop.run_in_executor(
+                        self._executor, self.runner.execute, plan
+                    )
                 else:
                     sampled, closed = self.runner.execute(plan)
             except Exception:
@@ -360,7 +407,9 @@ class Engine:
         m.steps += 1
         m.step.observe(now - t0)
         m.batch.observe(len(plan.decode) + len(plan.prefill) + len(plan.sample_only))
-        m.bytes_in += sum(len(f.data) for f in plan.prefill) + sum(1 for f in plan.decode if not f.sample)
+        m.bytes_in += sum(len(f.data) for f in plan.prefill) + sum(
+            1 for f in plan.decode if not f.sample
+        )
         for f in (*plan.decode, *plan.prefill, *plan.sample_only):
             clock = self._clocks.get(f.sid)
             if clock is not None and not clock.scheduled:

@@ -15,7 +15,13 @@ from torch import Tensor
 
 
 class DecodeGraphs:
-    def __init__(self, fn: Callable[[Tensor], Tensor], buckets: tuple[int, ...], scratch: int, device: torch.device) -> None:
+    def __init__(
+        self,
+        fn: Callable[[Tensor], Tensor],
+        buckets: tuple[int, ...],
+        scratch: int,
+        device: torch.device,
+    ) -> None:
         self.fn = fn
         self.buckets = buckets
         self.scratch = scratch
@@ -32,7 +38,7 @@ class DecodeGraphs:
     def capture(self, b: int) -> None:
         """Warm up on a side stream (writes go to the scratch slot), then capture bucket b."""
         self._pad(b)
-        side = torch.cuda.Stream(self.device)
+        side = torch.cuda.Stream(self.device)  # type: ignore[no-untyped-call]
         side.wait_stream(torch.cuda.current_stream(self.device))
         with torch.cuda.stream(side):
             for _ in range(3):

@@ -23,8 +23,8 @@ from engine.sampling import sample
 from engine.scheduler import Feed, StepPlan
 from engine.types import SamplingParams
 from model import ByteLM, MemorySlots, age_bucket
-from model.lm import ReadBlock
 from model.decode_cache import build_decode_cache, refresh_decode_cache
+from model.lm import ReadBlock
 
 
 @dataclass(frozen=True)
@@ -54,15 +54,16 @@ class Runner:
         self.counter = torch.zeros(rows, dtype=torch.long, device=dev)
         M = cfg.memory_capacity
         self.memory = MemorySlots.empty(rows, mc.d_model, dev, capacity=M) if M else None
-        self.mem_written = torch.zeros(rows, M, dtype=torch.long, device=dev)  # segment each slot came from
+        self.mem_written = torch.zeros(
+            rows, M, dtype=torch.long, device=dev
+        )  # segment each slot came from
         # Keys and values of each slot's memory, per read block: they change only when a version
         # is installed or the session enters a new segment (ages), so they are computed then and
         # the step only attends (instead of projecting every memory slot at every byte).
-        self.read_layers = [i for i, b in enumerate(model.blocks) if isinstance(b, ReadBlock)]
+        self.reads = {i: b.read for i, b in enumerate(model.blocks) if isinstance(b, ReadBlock)}
         self.mem_kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         if M:
-            for i in self.read_layers:
-                read = model.blocks[i].read
+            for i, read in self.reads.items():
                 self.mem_kv[i] = (
                     torch.zeros(rows, read.heads, M + 1, read.head_dim, device=dev),
                     torch.zeros(rows, read.heads, M + 1, read.head_dim, device=dev),
@@ -70,7 +71,9 @@ class Runner:
                 )
         self.kv_segment = [-1] * rows  # segment whose ages each slot's keys/values hold (-1: stale)
         self.capture = capture_segments
-        self.seg_buf = torch.zeros(rows, self.S, mc.d_model, device=dev) if capture_segments else None
+        self.seg_buf = (
+            torch.zeros(rows, self.S, mc.d_model, device=dev) if capture_segments else None
+        )
         # The fused decode reads poles, merged projections (and bf16 weights) from this cache.
         dtype = torch.bfloat16 if cfg.decode_dtype == "bfloat16" else torch.float32
         self.cache = build_decode_cache(self.model, dtype) if self.device.type == "cuda" else None
@@ -80,7 +83,9 @@ class Runner:
             # One compiled variant per batch bucket (and per runner): past dynamo's default
             # recompile limit (8) it would silently fall back to eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
-            decode_fn = torch.compile(decode_fn, dynamic=False)  # graphs are captured by DecodeGraphs
+            decode_fn = torch.compile(
+                decode_fn, dynamic=False
+            )  # graphs are captured by DecodeGraphs
         self._decode_fn = decode_fn
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.graphs = DecodeGraphs(decode_fn, cfg.buckets, self.scratch, dev)
@@ -98,7 +103,9 @@ class Runner:
         if self.seg_buf is not None:
             self.seg_buf[slot].zero_()
 
-    def set_sampling(self, slot: int, params: SamplingParams, seed: int, reset_counter: bool) -> None:
+    def set_sampling(
+        self, slot: int, params: SamplingParams, seed: int, reset_counter: bool
+    ) -> None:
         """Called between steps when a turn starts. An explicit seed restarts the counter (same
         seed, same bytes); otherwise the counter carries on across turns."""
         if reset_counter:
@@ -131,7 +138,7 @@ class Runner:
             slot_t = torch.tensor([f.slot], device=self.device)
             mem = self._memory_for(slot_t, torch.tensor([f.start], device=self.device))
             for i, (K, V, valid) in self.mem_kv.items():
-                k, v, ok = self.model.blocks[i].read.memory_kv(mem, 1)
+                k, v, ok = self.reads[i].memory_kv(mem, 1)
                 K[f.slot], V[f.slot], valid[f.slot] = k[0], v[0], ok[0]
 
     def _memory_for(self, slots: Tensor, pos: Tensor) -> MemorySlots | None:
@@ -139,8 +146,10 @@ class Runner:
             return None
         age = (pos // self.S).unsqueeze(-1) - self.mem_written[slots]  # (B, M) segments
         return MemorySlots(
-            self.memory.slots[slots], self.memory.level[slots],
-            age_bucket(age.clamp(min=0), self.model.config.age_buckets), self.memory.mask[slots],
+            self.memory.slots[slots],
+            self.memory.level[slots],
+            age_bucket(age.clamp(min=0), self.model.config.age_buckets),
+            self.memory.mask[slots],
         )
 
     # ----- the step -----
@@ -151,12 +160,25 @@ class Runner:
         The whole batched decode: recurrent step on the pool rows, logits and captured hidden
         written back, and a sample for every row (rows with flag 0 do not advance their counter)."""
         tokens, slots, pos, flag = rows[0], rows[1], rows[2], rows[3]
-        kv = {i: (K[slots], V[slots], ok[slots]) for i, (K, V, ok) in self.mem_kv.items()} if self.mem_kv else None
-        logits, hidden = self.model.step(tokens, self.state, slots, None, return_hidden=True, cache=self.cache, memory_kv=kv)
+        kv = (
+            {i: (K[slots], V[slots], ok[slots]) for i, (K, V, ok) in self.mem_kv.items()}
+            if self.mem_kv
+            else None
+        )
+        logits, hidden = self.model.step(
+            tokens, self.state, slots, None, return_hidden=True, cache=self.cache, memory_kv=kv
+        )
         self.logits.index_copy_(0, slots, logits)
         if self.seg_buf is not None:
             self.seg_buf[slots, pos % self.S] = hidden
-        out = sample(logits, self.temperature[slots], self.top_k[slots], self.top_p[slots], self.seed[slots], self.counter[slots])
+        out = sample(
+            logits,
+            self.temperature[slots],
+            self.top_k[slots],
+            self.top_p[slots],
+            self.seed[slots],
+            self.counter[slots],
+        )
         self.counter.index_add_(0, slots, flag)
         return out
 
@@ -171,8 +193,12 @@ class Runner:
             if self.mem_kv:
                 self._refresh_kv(plan.decode)
             rows = torch.tensor(
-                [[f.data[0] for f in plan.decode], [f.slot for f in plan.decode],
-                 [f.start for f in plan.decode], [int(f.sample) for f in plan.decode]],
+                [
+                    [f.data[0] for f in plan.decode],
+                    [f.slot for f in plan.decode],
+                    [f.start for f in plan.decode],
+                    [int(f.sample) for f in plan.decode],
+                ],
                 dtype=torch.long,
             )
             if self.graphs is not None:
@@ -181,7 +207,14 @@ class Runner:
                 parts.append(self._decode_fn(rows.to(self.device)))
             for f in plan.decode:
                 if (f.start + 1) % self.S == 0 and self.seg_buf is not None:
-                    closed.append(ClosedSegment(f.slot, f.start // self.S, f.start + 1 - self.S, self.seg_buf[f.slot].clone()))
+                    closed.append(
+                        ClosedSegment(
+                            f.slot,
+                            f.start // self.S,
+                            f.start + 1 - self.S,
+                            self.seg_buf[f.slot].clone(),
+                        )
+                    )
         by_len: dict[int, list[Feed]] = {}
         for f in plan.prefill:
             by_len.setdefault(len(f.data), []).append(f)
@@ -190,7 +223,16 @@ class Runner:
         late = [f for f in (*plan.prefill, *plan.sample_only) if f.sample]
         if late:
             slots = torch.tensor([f.slot for f in late], device=self.device)
-            parts.append(sample(self.logits[slots], self.temperature[slots], self.top_k[slots], self.top_p[slots], self.seed[slots], self.counter[slots]))
+            parts.append(
+                sample(
+                    self.logits[slots],
+                    self.temperature[slots],
+                    self.top_k[slots],
+                    self.top_p[slots],
+                    self.seed[slots],
+                    self.counter[slots],
+                )
+            )
             self.counter.index_add_(0, slots, torch.ones_like(slots))
         if not parts:
             return [], closed
@@ -201,12 +243,18 @@ class Runner:
     def _prefill(self, feeds: list[Feed]) -> list[ClosedSegment]:
         """Prefill feeds of one length together: one parallel pass over their slots."""
         slots = torch.tensor([f.slot for f in feeds], device=self.device)
-        tokens = torch.tensor([list(f.data) for f in feeds], dtype=torch.long, device=self.device)  # (G, n)
+        tokens = torch.tensor(
+            [list(f.data) for f in feeds], dtype=torch.long, device=self.device
+        )  # (G, n)
         memory = self._memory_for(slots, torch.tensor([f.start for f in feeds], device=self.device))
         if not self.capture:
-            self.logits.index_copy_(0, slots, self.model.prefill(tokens, self.state, slots, memory))
+            last = self.model.prefill(tokens, self.state, slots, memory)
+            assert isinstance(last, Tensor)
+            self.logits.index_copy_(0, slots, last)
             return []
-        logits, hidden = self.model.prefill(tokens, self.state, slots, memory, return_hidden=True)
+        out = self.model.prefill(tokens, self.state, slots, memory, return_hidden=True)
+        assert isinstance(out, tuple)
+        logits, hidden = out
         self.logits.index_copy_(0, slots, logits)
         closed = []
         for f, h in zip(feeds, hidden, strict=True):
@@ -224,7 +272,9 @@ class Runner:
             i += take
             if off + take == self.S:
                 end = start + i
-                closed.append(ClosedSegment(slot, end // self.S - 1, end - self.S, self.seg_buf[slot].clone()))
+                closed.append(
+                    ClosedSegment(slot, end // self.S - 1, end - self.S, self.seg_buf[slot].clone())
+                )
         return closed
 
     # ----- weights -----
@@ -232,18 +282,22 @@ class Runner:
     @torch.no_grad()
     def swap_weights(self, tensors: dict[str, Tensor]) -> None:
         """Copy new weights into the live parameters in place (captured graphs stay valid)."""
-        params = dict(self.model.named_parameters())
+        params: dict[str, Tensor] = dict(self.model.named_parameters())
         params.update(dict(self.model.named_buffers()))
         for name, t in tensors.items():
             params[name].copy_(t)
         if self.cache is not None:
             refresh_decode_cache(self.model, self.cache)
-        self.kv_segment = [-1] * len(self.kv_segment)  # memory keys/values came from the old weights
+        self.kv_segment = [-1] * len(
+            self.kv_segment
+        )  # memory keys/values came from the old weights
 
     def state_rows(self, slot: int) -> dict[str, Tensor]:
         return {k: v[slot].clone() for k, v in self.state.items()}
 
-    def restore_slot(self, slot: int, rows: dict[str, Tensor], logits: Tensor, seed: int, counter: int) -> None:
+    def restore_slot(
+        self, slot: int, rows: dict[str, Tensor], logits: Tensor, seed: int, counter: int
+    ) -> None:
         """Load a session's saved state into a slot (between steps)."""
         self.reset_slot(slot)
         for k, v in self.state.items():

@@ -52,7 +52,9 @@ class Seq:
     @property
     def phase(self) -> Phase:
         if self.pending:
-            return Phase.GENERATING if self.turn is not None and self.turn.generated else Phase.READING
+            return (
+                Phase.GENERATING if self.turn is not None and self.turn.generated else Phase.READING
+            )
         return Phase.IDLE
 
 
@@ -143,7 +145,7 @@ class Scheduler:
     # ----- input -----
 
     def submit(self, sid: str, data: bytes, params: SamplingParams | None) -> list[Outcome]:
-        """Queue input; a turn in progress ends (INTERRUPTED) and `params` (if any) starts the next."""
+        """Queue input; a turn in progress ends (INTERRUPTED), `params` (if any) starts the next."""
         seq = self.seqs[sid]
         out = self._finish(seq, FinishReason.INTERRUPTED) if seq.turn else []
         seq.pending += data
@@ -187,11 +189,12 @@ class Scheduler:
             if budget <= 0:
                 break
             sid = self._rr.popleft()
-            seq = self.seqs.get(sid)
-            if seq is None or len(seq.pending) <= 1:
+            queued = self.seqs.get(sid)
+            if queued is None or len(queued.pending) <= 1:
                 self._queued.discard(sid)  # left, or handled by the batched step
                 continue
             self._rr.append(sid)
+            seq = queued
             if seq.paused:
                 continue
             n = min(len(seq.pending), self.prefill_chunk, budget)
@@ -227,7 +230,12 @@ class Scheduler:
         for feed, value in zip(samples, sampled, strict=True):
             seq = self.seqs.get(feed.sid)
             turn = None if seq is None else seq.turn
-            if seq is None or turn is None or turn is not self._sampling_for.get(feed.sid) or seq.pending:
+            if (
+                seq is None
+                or turn is None
+                or turn is not self._sampling_for.get(feed.sid)
+                or seq.pending
+            ):
                 # Closed, cancelled or interrupted while the step ran (perhaps with a new turn
                 # already asked for): the sample belongs to a turn that is over. Drop it.
                 continue
@@ -243,7 +251,11 @@ class Scheduler:
                 continue
             hold = _stop_prefix_len(turn.generated, turn.params.stop, turn.max_stop)
             if len(turn.generated) - hold > turn.emitted:
-                out.append(Emitted(seq.sid, bytes(turn.generated[turn.emitted : len(turn.generated) - hold])))
+                out.append(
+                    Emitted(
+                        seq.sid, bytes(turn.generated[turn.emitted : len(turn.generated) - hold])
+                    )
+                )
                 turn.emitted = len(turn.generated) - hold
             if len(turn.generated) >= turn.params.max_bytes:
                 out += self._finish(seq, FinishReason.LENGTH)

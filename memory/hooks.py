@@ -58,13 +58,13 @@ class EngineMemory:
         self._live.add(session)
         if hidden.is_cuda:
             if self._stream is None:
-                self._stream = torch.cuda.Stream(hidden.device)
+                self._stream = torch.cuda.Stream(hidden.device)  # type: ignore[no-untyped-call]
             self._stream.wait_stream(torch.cuda.current_stream(hidden.device))
             with torch.cuda.stream(self._stream):
                 host = torch.empty(hidden.shape, dtype=torch.float16, pin_memory=True)
                 host.copy_(hidden.to(torch.float16), non_blocking=True)
                 hidden.record_stream(self._stream)
-                ready: torch.cuda.Event | None = torch.cuda.Event()
+                ready: torch.cuda.Event | None = torch.cuda.Event()  # type: ignore[no-untyped-call]
                 assert ready is not None
                 ready.record(self._stream)
         else:

@@ -40,7 +40,7 @@ def model_compressor(model: ByteLM) -> CompressFn:
     """The model's compressor as the store wants it: CPU float32 in and out, no autograd."""
     device = next(model.parameters()).device
     # On a GPU, compression runs on a stream of its own: decode's graphs never queue behind it.
-    stream = torch.cuda.Stream(device) if device.type == "cuda" else None
+    stream = torch.cuda.Stream(device) if device.type == "cuda" else None  # type: ignore[no-untyped-call]
 
     def compress(hidden: Tensor, level: int) -> Tensor:
         with torch.no_grad():  # no_grad is per thread: set here, where the worker thread runs it

@@ -9,6 +9,17 @@ from model.lm import ByteLM, RunOutput, State
 from model.memread import MemorySlots, age_bucket
 
 __all__ = [
-    "BOS", "EOS", "PAD", "SEP", "VOCAB", "ByteLM", "MemorySlots", "ModelConfig", "RunOutput", "State",
-    "age_bucket", "decode", "encode",
+    "BOS",
+    "EOS",
+    "PAD",
+    "SEP",
+    "VOCAB",
+    "ByteLM",
+    "MemorySlots",
+    "ModelConfig",
+    "RunOutput",
+    "State",
+    "age_bucket",
+    "decode",
+    "encode",
 ]

@@ -25,7 +25,10 @@ class CheckpointError(ValueError):
 
 
 def save_checkpoint(
-    model: ByteLM, path: str | Path, extra: dict[str, object] | None = None, dtype: torch.dtype = torch.float32
+    model: ByteLM,
+    path: str | Path,
+    extra: dict[str, object] | None = None,
+    dtype: torch.dtype = torch.float32,
 ) -> Path:
     """Write weights (float32, or bfloat16 to halve the file; loading casts back to float32)."""
     out = Path(path)
@@ -46,14 +49,18 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
     p = Path(path)
     cfg_file = p / CONFIG
     if not cfg_file.is_file():
-        raise CheckpointError(f"{p}: no {CONFIG} (a checkpoint is a directory with {WEIGHTS} and {CONFIG})")
+        raise CheckpointError(
+            f"{p}: no {CONFIG} (a checkpoint is a directory with {WEIGHTS} and {CONFIG})"
+        )
     try:
         meta = json.loads(cfg_file.read_text())
     except (json.JSONDecodeError, UnicodeDecodeError) as e:
         raise CheckpointError(f"{cfg_file}: not valid JSON ({e})") from None
     version = meta.get("format_version") if isinstance(meta, dict) else None
     if version != FORMAT_VERSION:
-        raise CheckpointError(f"{cfg_file}: format version {version!r}, this code reads {FORMAT_VERSION}")
+        raise CheckpointError(
+            f"{cfg_file}: format version {version!r}, this code reads {FORMAT_VERSION}"
+        )
     try:
         config = ModelConfig.from_dict(meta["config"])
     except (KeyError, TypeError, ValueError) as e:
@@ -61,7 +68,9 @@ def read_config(path: str | Path) -> tuple[ModelConfig, dict[str, object]]:
     return config, meta
 
 
-def load_weights(path: str | Path, config: ModelConfig, device: torch.device | str = "cpu") -> dict[str, torch.Tensor]:
+def load_weights(
+    path: str | Path, config: ModelConfig, device: torch.device | str = "cpu"
+) -> dict[str, torch.Tensor]:
     """Read and check the weights of a checkpoint against `config` (names and shapes)."""
     from model.lm import ByteLM
 
@@ -78,10 +87,15 @@ def load_weights(path: str | Path, config: ModelConfig, device: torch.device | s
         expected.pop("head.weight", None)
     missing, unexpected = set(expected) - set(tensors), set(tensors) - set(expected)
     if missing or unexpected:
-        raise CheckpointError(f"{wfile}: weights do not match the config: missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        raise CheckpointError(
+            f"{wfile}: weights do not match the config: missing {sorted(missing)[:5]},"
+            f" unexpected {sorted(unexpected)[:5]}"
+        )
     for k, t in tensors.items():
         if t.shape != expected[k].shape:
-            raise CheckpointError(f"{wfile}: {k} has shape {tuple(t.shape)}, config wants {tuple(expected[k].shape)}")
+            raise CheckpointError(
+                f"{wfile}: {k} has shape {tuple(t.shape)}, config wants {tuple(expected[k].shape)}"
+            )
     return {k: t.float() for k, t in tensors.items()}
 
 

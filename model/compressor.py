@@ -34,7 +34,7 @@ class SegmentCompressor(nn.Module):
         self.mlp = SwiGLU(D, 2 * D)
 
     def forward(self, hidden: Tensor, level: int | Tensor, mask: Tensor | None = None) -> Tensor:
-        """hidden (B, L, D), target level (int or (B,) long), mask (B, L) bool -> slots (B, m, D)."""
+        """hidden (B, L, D), target level (int or (B,)), mask (B, L) bool -> slots (B, m, D)."""
         B, L, D = hidden.shape
         H, dh = self.heads, D // self.heads
         lvl = torch.as_tensor(level, device=hidden.device).long().expand(B)

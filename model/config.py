@@ -53,9 +53,13 @@ class ModelConfig:
             raise ValueError(f"vocab is fixed at {VOCAB} by the byte codec")
         if self.capture_layer == -1:
             first_read = self.layout.find("R")
-            object.__setattr__(self, "capture_layer", max(first_read - 1, 0) if first_read > 0 else 0)
+            object.__setattr__(
+                self, "capture_layer", max(first_read - 1, 0) if first_read > 0 else 0
+            )
         if not 0 <= self.capture_layer < len(self.layout):
-            raise ValueError(f"capture_layer {self.capture_layer} outside the {len(self.layout)} blocks")
+            raise ValueError(
+                f"capture_layer {self.capture_layer} outside the {len(self.layout)} blocks"
+            )
 
     @property
     def n_layers(self) -> int:
@@ -63,7 +67,7 @@ class ModelConfig:
 
     @property
     def mlp_hidden(self) -> int:
-        return int(round(self.mlp_mult * self.d_model / 16)) * 16
+        return round(self.mlp_mult * self.d_model / 16) * 16
 
     @property
     def delta_head_dim(self) -> int:
@@ -104,19 +108,44 @@ class ModelConfig:
 PRESETS: dict[str, dict[str, Any]] = {
     # CPU tests: under 1M parameters.
     "tiny": dict(
-        d_model=96, layout="HDRHD", filter_order=8, filter_features=16, filter_hidden=32,
-        delta_heads=2, read_heads=2, read_topk=8, segment_len=128, mem_slots=4,
-        compress_heads=2, delta_chunk=32, prefill_chunk=512,
+        d_model=96,
+        layout="HDRHD",
+        filter_order=8,
+        filter_features=16,
+        filter_hidden=32,
+        delta_heads=2,
+        read_heads=2,
+        read_topk=8,
+        segment_len=128,
+        mem_slots=4,
+        compress_heads=2,
+        delta_chunk=32,
+        prefill_chunk=512,
     ),
     # CPU demo: about 10M parameters.
     "small": dict(
-        d_model=320, layout="HDHRDHD", filter_order=16, delta_heads=4, read_heads=4,
-        read_topk=16, segment_len=512, mem_slots=8,
+        d_model=320,
+        layout="HDHRDHD",
+        filter_order=16,
+        delta_heads=4,
+        read_heads=4,
+        read_topk=16,
+        segment_len=512,
+        mem_slots=8,
     ),
     # GPU: about 100M parameters, width 768, 12 mixing layers.
     "base": dict(
-        d_model=768, layout="HDHDHDRHDHDHD", filter_order=16, filter_features=64,
-        filter_hidden=128, delta_heads=12, read_heads=12, read_topk=32, segment_len=1024,
-        mem_slots=16, compress_heads=12, prefill_chunk=2048,
+        d_model=768,
+        layout="HDHDHDRHDHDHD",
+        filter_order=16,
+        filter_features=64,
+        filter_hidden=128,
+        delta_heads=12,
+        read_heads=12,
+        read_topk=32,
+        segment_len=1024,
+        mem_slots=16,
+        compress_heads=12,
+        prefill_chunk=2048,
     ),
 }

@@ -35,9 +35,15 @@ def _entries(model: torch.nn.Module, dtype: torch.dtype) -> dict[str, Tensor]:
             out[f"{i}.poles"] = torch.stack(mixer.filter.poles()).detach()  # (4, D, N)
             out[f"{i}.in"] = cast(mixer.in_proj.weight)
         elif isinstance(mixer, DeltaMixer):
-            out[f"{i}.in"] = torch.cat([mixer.qkv.weight, mixer.ab.weight, mixer.gate.weight]).detach().to(dtype)
+            out[f"{i}.in"] = (
+                torch.cat([mixer.qkv.weight, mixer.ab.weight, mixer.gate.weight]).detach().to(dtype)
+            )
             zeros = torch.zeros_like(mixer.qkv.weight[:, 0])
-            out[f"{i}.in_bias"] = torch.cat([zeros, mixer.ab.bias, torch.zeros_like(mixer.gate.weight[:, 0])]).detach().float()
+            out[f"{i}.in_bias"] = (
+                torch.cat([zeros, mixer.ab.bias, torch.zeros_like(mixer.gate.weight[:, 0])])
+                .detach()
+                .float()
+            )
         out[f"{i}.out"] = cast(mixer.out_proj.weight)
         out[f"{i}.up"] = cast(block.mlp.up.weight)
         out[f"{i}.down"] = cast(block.mlp.down.weight)
@@ -59,4 +65,3 @@ def refresh_decode_cache(model: torch.nn.Module, cache: DecodeCache) -> None:
     for k, v in fresh.items():
         if cache[k].data_ptr() != v.data_ptr():
             cache[k].copy_(v)
-

@@ -25,17 +25,23 @@ from model.layers import RMSNorm, ShortConv, linear
 State = dict[str, Tensor]
 
 
-def delta_rule_recurrent(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+def delta_rule_recurrent(
+    q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor
+) -> tuple[Tensor, Tensor]:
     """Reference: one byte at a time. q, k (B, H, T, dk), v (B, H, T, dv), log_a, b (B, H, T),
     S (B, H, dv, dk) -> o (B, H, T, dv), final S."""
     outs = []
     for t in range(q.shape[2]):
-        S = delta_rule_step(q[:, :, t], k[:, :, t], v[:, :, t], log_a[:, :, t].exp(), b[:, :, t], S)[1]
+        S = delta_rule_step(
+            q[:, :, t], k[:, :, t], v[:, :, t], log_a[:, :, t].exp(), b[:, :, t], S
+        )[1]
         outs.append(torch.einsum("bhvk,bhk->bhv", S, q[:, :, t]))
     return torch.stack(outs, dim=2), S
 
 
-def delta_rule_step(q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor) -> tuple[Tensor, Tensor]:
+def delta_rule_step(
+    q: Tensor, k: Tensor, v: Tensor, a: Tensor, b: Tensor, S: Tensor
+) -> tuple[Tensor, Tensor]:
     """q, k (B, H, dk), v (B, H, dv), a, b (B, H), S (B, H, dv, dk) -> o (B, H, dv), next S."""
     a, b = a.unsqueeze(-1), b.unsqueeze(-1)
     Sk = (S @ k.unsqueeze(-1)).squeeze(-1)  # (B, H, dv)
@@ -55,7 +61,9 @@ def delta_rule_chunked(
         return _chunked(q, k, v, log_a, b, None if S is None else S.float(), chunk)
 
 
-def _chunked(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor | None, chunk: int) -> tuple[Tensor, Tensor]:
+def _chunked(
+    q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor | None, chunk: int
+) -> tuple[Tensor, Tensor]:
     B, H, T, dk = k.shape
     dv = v.shape[-1]
     if S is None:
@@ -79,7 +87,9 @@ def _chunked(q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tenso
     L = eye + A
     gamma = lg.exp()
     U = torch.linalg.solve_triangular(L, b.unsqueeze(-1) * v, upper=False, unitriangular=True)
-    Wk = torch.linalg.solve_triangular(L, (b * gamma).unsqueeze(-1) * k, upper=False, unitriangular=True)
+    Wk = torch.linalg.solve_triangular(
+        L, (b * gamma).unsqueeze(-1) * k, upper=False, unitriangular=True
+    )
     P = (q @ k.transpose(-1, -2)) * decay_incl  # (B, H, n, C, C)
     Qg = gamma.unsqueeze(-1) * q
     to_end = (lg[..., -1:] - lg).exp().unsqueeze(-1) * k  # gamma_C / gamma_i * k_i
@@ -129,13 +139,24 @@ class DeltaMixer(nn.Module):
 
     def forward(self, x: Tensor, state: State | None, want_state: bool) -> tuple[Tensor, State]:
         """Parallel form. x (B, T, D) -> y (B, T, D) and the state after the last byte."""
-        q, k, v, log_a, b, conv = self._project(x, None if state is None else state["conv"], step=False)
+        q, k, v, log_a, b, conv = self._project(
+            x, None if state is None else state["conv"], step=False
+        )
         tr = lambda t: t.transpose(1, 2)  # (B, T, H, ...) -> (B, H, T, ...)  # noqa: E731
-        o, S = delta_rule_chunked(tr(q), tr(k), tr(v), tr(log_a), tr(b), None if state is None else state["S"], self.chunk)
+        o, S = delta_rule_chunked(
+            tr(q), tr(k), tr(v), tr(log_a), tr(b), None if state is None else state["S"], self.chunk
+        )
         new = {"conv": conv, "S": S} if want_state else {}
         return self._output(x, o.transpose(1, 2)), new
 
-    def step_pool(self, x: Tensor, pool: State, slots: Tensor | None, cache: dict[str, Tensor] | None = None, key: str = "") -> Tensor:
+    def step_pool(
+        self,
+        x: Tensor,
+        pool: State,
+        slots: Tensor | None,
+        cache: dict[str, Tensor] | None = None,
+        key: str = "",
+    ) -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
         x (B, D) -> y (B, D). Fused on the GPU (one pass over S, one matmul for all input
         projections from the decode cache), eager elsewhere."""

@@ -36,7 +36,9 @@ class ModalFilter(nn.Module):
         super().__init__()
         self.order = order
         self.features = nn.Parameter(torch.randn(channels, features))
-        self.net = nn.Sequential(nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, 4 * order))
+        self.net = nn.Sequential(
+            nn.Linear(features, hidden), nn.SiLU(), nn.Linear(hidden, 4 * order)
+        )
         nn.init.normal_(self.net[2].weight, std=0.02)
         nn.init.zeros_(self.net[2].bias)
         # Log-spaced decay rates from about 1 byte to about 10^4 bytes, jittered per channel,
@@ -101,25 +103,33 @@ class HyenaMixer(nn.Module):
         self.out_proj = nn.Linear(D, D, bias=False)
 
     def state_shapes(self) -> dict[str, tuple[int, ...]]:
-        return {"conv": self.short.state_shape(), "s_re": (self.d, self.order), "s_im": (self.d, self.order)}
+        return {
+            "conv": self.short.state_shape(),
+            "s_re": (self.d, self.order),
+            "s_im": (self.d, self.order),
+        }
 
     def forward(self, x: Tensor, state: State | None, want_state: bool) -> tuple[Tensor, State]:
         """Parallel form. x (B, T, D) -> y (B, T, D) and the state after the last byte."""
-        B, T, D = x.shape
+        _B, _T, _D = x.shape
         z, conv = self.short(self.in_proj(x), None if state is None else state["conv"])
         x1, x2, v = z.chunk(3, dim=-1)
         with torch.autocast(x.device.type, enabled=False):  # the long convolution in float32
-            y, new = self._long_conv((x1 * v).transpose(1, 2).float(), state, want_state)  # (B, D, T)
+            y, new = self._long_conv(
+                (x1 * v).transpose(1, 2).float(), state, want_state
+            )  # (B, D, T)
         u = (x1 * v).float()
         y = x2 * (y.transpose(1, 2) + self.skip * u)
         return self.out_proj(y.to(x2.dtype)), {**new, "conv": conv} if want_state else {}
 
     def _long_conv(self, u: Tensor, state: State | None, want_state: bool) -> tuple[Tensor, State]:
-        """u (B, D, T) -> h conv u plus the incoming state's contribution (B, D, T), new modal state."""
+        """u (B, D, T) -> h conv u plus the incoming state's part (B, D, T), and the new state."""
         T = u.shape[-1]
         log_mag, theta, r_re, r_im = self.filter()
         p_re, p_im = modal_powers(log_mag, theta, T + 1)  # (D, N, T+1)
-        h = torch.einsum("dn,dnt->dt", r_re, p_re[..., :T]) - torch.einsum("dn,dnt->dt", r_im, p_im[..., :T])
+        h = torch.einsum("dn,dnt->dt", r_re, p_re[..., :T]) - torch.einsum(
+            "dn,dnt->dt", r_im, p_im[..., :T]
+        )
         y = fft_causal_conv(u, h)  # (B, D, T)
         new: State = {}
         if state is not None:
@@ -127,7 +137,11 @@ class HyenaMixer(nn.Module):
             s_re, s_im = state["s_re"], state["s_im"]  # (B, D, N)
             c_re = r_re * s_re - r_im * s_im
             c_im = r_re * s_im + r_im * s_re
-            y = y + torch.einsum("bdn,dnt->bdt", c_re, p_re[..., 1:]) - torch.einsum("bdn,dnt->bdt", c_im, p_im[..., 1:])
+            y = (
+                y
+                + torch.einsum("bdn,dnt->bdt", c_re, p_re[..., 1:])
+                - torch.einsum("bdn,dnt->bdt", c_im, p_im[..., 1:])
+            )
         if want_state:
             # s_T = lambda^T s0 + sum_t lambda^{T-1-t} u_t
             rev_re, rev_im = p_re[..., :T].flip(-1), p_im[..., :T].flip(-1)
@@ -140,7 +154,14 @@ class HyenaMixer(nn.Module):
             new = {"s_re": n_re, "s_im": n_im}
         return y, new
 
-    def step_pool(self, x: Tensor, pool: State, slots: Tensor | None, cache: dict[str, Tensor] | None = None, key: str = "") -> Tensor:
+    def step_pool(
+        self,
+        x: Tensor,
+        pool: State,
+        slots: Tensor | None,
+        cache: dict[str, Tensor] | None = None,
+        key: str = "",
+    ) -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
         x (B, D) -> y (B, D). Fused on the GPU (one pass over the modal state, weights from the
         decode cache), eager elsewhere."""

@@ -1,4 +1,5 @@
-"""Fused decode kernels (Triton, CUDA only) for the two recurrences, updating the state pool in place.
+"""Fused decode kernels (Triton, CUDA only) for the two recurrences, updating the state pool in
+place.
 
 Each kernel reads one slot's state straight from the pool (indexed by the slot tensor), applies
 one byte's update and writes it back: one read and one write of the state per step, where the
@@ -32,8 +33,19 @@ if HAVE_TRITON:
 
     @triton.jit
     def _modal_step_kernel(
-        u_ptr, lre_ptr, lim_ptr, rre_ptr, rim_ptr, sre_ptr, sim_ptr, slots_ptr, y_ptr,
-        D, N, NP: tl.constexpr, BLOCK_D: tl.constexpr,
+        u_ptr,
+        lre_ptr,
+        lim_ptr,
+        rre_ptr,
+        rim_ptr,
+        sre_ptr,
+        sim_ptr,
+        slots_ptr,
+        y_ptr,
+        D,
+        N,
+        NP: tl.constexpr,
+        BLOCK_D: tl.constexpr,
     ):
         b = tl.program_id(0)
         d0 = tl.program_id(1) * BLOCK_D
@@ -60,8 +72,19 @@ if HAVE_TRITON:
 
     @triton.jit
     def _delta_step_kernel(
-        q_ptr, k_ptr, v_ptr, a_ptr, beta_ptr, S_ptr, slots_ptr, o_ptr,
-        H, DV, DK, DVP: tl.constexpr, DKP: tl.constexpr,
+        q_ptr,
+        k_ptr,
+        v_ptr,
+        a_ptr,
+        beta_ptr,
+        S_ptr,
+        slots_ptr,
+        o_ptr,
+        H,
+        DV,
+        DK,
+        DVP: tl.constexpr,
+        DKP: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
@@ -86,9 +109,18 @@ if HAVE_TRITON:
         tl.store(o_ptr + row * DV + i, o, mask=im)
 
     @torch.library.triton_op("bwr::modal_step", mutates_args={"s_re", "s_im"})
-    def modal_step(u: Tensor, l_re: Tensor, l_im: Tensor, r_re: Tensor, r_im: Tensor,
-                   s_re: Tensor, s_im: Tensor, slots: Tensor) -> Tensor:
-        """u (B, D); l_*, r_* (D, N); s_re, s_im (P, D, N) pool, updated at rows slots (B,) -> y (B, D)."""
+    def modal_step(
+        u: Tensor,
+        l_re: Tensor,
+        l_im: Tensor,
+        r_re: Tensor,
+        r_im: Tensor,
+        s_re: Tensor,
+        s_im: Tensor,
+        slots: Tensor,
+    ) -> Tensor:
+        """u (B, D); l_*, r_* (D, N); s_re, s_im (P, D, N) pool, updated at rows slots (B,)
+        -> y (B, D)."""
         B, D = u.shape
         N = l_re.shape[1]
         NP = triton.next_power_of_2(N)
@@ -96,19 +128,45 @@ if HAVE_TRITON:
         block = max(1, min(128, 4096 // NP))
         grid = (B, triton.cdiv(D, block))
         torch.library.wrap_triton(_modal_step_kernel)[grid](
-            u, l_re, l_im, r_re, r_im, s_re, s_im, slots, y, D, N, NP=NP, BLOCK_D=block,
+            u,
+            l_re,
+            l_im,
+            r_re,
+            r_im,
+            s_re,
+            s_im,
+            slots,
+            y,
+            D,
+            N,
+            NP=NP,
+            BLOCK_D=block,
         )
         return y
 
     @torch.library.triton_op("bwr::delta_step", mutates_args={"S"})
-    def delta_step(q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, S: Tensor, slots: Tensor) -> Tensor:
+    def delta_step(
+        q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, S: Tensor, slots: Tensor
+    ) -> Tensor:
         """q, k (B, H, dk); v (B, H, dv); a, beta (B, H); S (P, H, dv, dk) pool, updated at rows
         slots (B,) -> o (B, H, dv)."""
         B, H, DK = k.shape
         DV = v.shape[-1]
         o = torch.empty_like(v)
         torch.library.wrap_triton(_delta_step_kernel)[(B, H)](
-            q, k, v, a, beta, S, slots, o, H, DV, DK,
-            DVP=triton.next_power_of_2(DV), DKP=triton.next_power_of_2(DK), num_warps=4,
+            q,
+            k,
+            v,
+            a,
+            beta,
+            S,
+            slots,
+            o,
+            H,
+            DV,
+            DK,
+            DVP=triton.next_power_of_2(DV),
+            DKP=triton.next_power_of_2(DK),
+            num_warps=4,
         )
         return o

@@ -45,7 +45,7 @@ class ShortConv(nn.Module):
 
     def forward(self, x: Tensor, state: Tensor | None) -> tuple[Tensor, Tensor]:
         """x (B, T, C), state (B, C, K-1) or None for zeros -> y (B, T, C), new state."""
-        B, T, C = x.shape
+        B, _T, C = x.shape
         xt = x.transpose(1, 2)  # (B, C, T)
         if state is None:
             state = xt.new_zeros(B, C, self.kernel - 1)

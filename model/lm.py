@@ -30,9 +30,9 @@ from torch import Tensor, nn
 
 from model.compressor import SegmentCompressor
 from model.config import ModelConfig
+from model.decode_cache import DecodeCache
 from model.delta import DeltaMixer
 from model.hyena import HyenaMixer
-from model.decode_cache import DecodeCache
 from model.layers import RMSNorm, SwiGLU, linear
 from model.memread import MemoryRead, MemorySlots
 
@@ -54,7 +54,9 @@ class MixBlock(nn.Module):
         x = x + y
         return x + self.mlp(self.norm2(x)), new
 
-    def step(self, x: Tensor, pool: State, slots: Tensor | None, cache: DecodeCache | None, key: str) -> Tensor:
+    def step(
+        self, x: Tensor, pool: State, slots: Tensor | None, cache: DecodeCache | None, key: str
+    ) -> Tensor:
         x = x + self.mixer.step_pool(self.norm1(x), pool, slots, cache, key)
         if cache is None or slots is None or not x.is_cuda:
             return x + self.mlp(self.norm2(x))
@@ -67,7 +69,9 @@ class ReadBlock(nn.Module):
         super().__init__()
         self.read = MemoryRead(cfg)
 
-    def forward(self, x: Tensor, memory: MemorySlots | None, kv: tuple[Tensor, Tensor, Tensor] | None = None) -> Tensor:
+    def forward(
+        self, x: Tensor, memory: MemorySlots | None, kv: tuple[Tensor, Tensor, Tensor] | None = None
+    ) -> Tensor:
         return x + self.read(x, memory, kv=kv)[0]
 
 
@@ -85,7 +89,9 @@ class ByteLM(nn.Module):
         D = config.d_model
         self.embed = nn.Embedding(config.vocab, D)
         nn.init.normal_(self.embed.weight, std=0.02)
-        self.blocks = nn.ModuleList(ReadBlock(config) if k == "R" else MixBlock(config, k) for k in config.layout)
+        self.blocks = nn.ModuleList(
+            ReadBlock(config) if k == "R" else MixBlock(config, k) for k in config.layout
+        )
         self.norm = RMSNorm(D, config.norm_eps)
         self.head = nn.Linear(D, config.vocab, bias=False)
         if config.tie_embeddings:
@@ -199,7 +205,9 @@ class ByteLM(nn.Module):
                 kv = None if memory_kv is None else memory_kv[i]
                 x = block(x.unsqueeze(1), memory, kv).squeeze(1)
             else:
-                x = block.step(x, _sub(state, i), slots, cache, f"{i}.")  # updates the pool rows in place
+                x = block.step(
+                    x, _sub(state, i), slots, cache, f"{i}."
+                )  # updates the pool rows in place
             if i == self.config.capture_layer:
                 capture = x
         fused = cache is not None and slots is not None and x.is_cuda

@@ -14,7 +14,6 @@ import math
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.config import ModelConfig
@@ -30,7 +29,7 @@ def age_bucket(age_segments: Tensor, buckets: int) -> Tensor:
 
 @dataclass
 class MemorySlots:
-    """What a read sees. slots (B, M, D); level, age (B, M) long; mask (B, M) bool (True = valid)."""
+    """What a read sees. slots (B, M, D); level, age (B, M) long; mask (B, M) bool (valid)."""
 
     slots: Tensor
     level: Tensor
@@ -38,8 +37,10 @@ class MemorySlots:
     mask: Tensor
 
     @classmethod
-    def empty(cls, batch: int, dim: int, device: torch.device | str | None = None, capacity: int = 0) -> MemorySlots:
-        """A memory of `capacity` invalid slots: valid input that reads nothing but the null slot."""
+    def empty(
+        cls, batch: int, dim: int, device: torch.device | str | None = None, capacity: int = 0
+    ) -> MemorySlots:
+        """`capacity` invalid slots: valid input that reads nothing but the null slot."""
         return cls(
             slots=torch.zeros(batch, capacity, dim, device=device),
             level=torch.zeros(batch, capacity, dtype=torch.long, device=device),
@@ -83,7 +84,11 @@ class MemoryRead(nn.Module):
             keys, values = null[0], null[1]
             valid = torch.ones(batch, 1, dtype=torch.bool, device=self.null_kv.device)
         else:
-            m = self.mem_norm(memory.slots) + self.level_emb(memory.level) + self.age_emb(memory.age)
+            m = (
+                self.mem_norm(memory.slots)
+                + self.level_emb(memory.level)
+                + self.age_emb(memory.age)
+            )
             k, v = self.kv(m).chunk(2, dim=-1)  # (B, M, D)
             keys, values = torch.cat([null[0], k], 1), torch.cat([null[1], v], 1)  # (B, M+1, D)
             valid = torch.cat([memory.mask.new_ones(batch, 1), memory.mask], 1)

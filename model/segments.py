@@ -47,7 +47,9 @@ def run_segments(
         memory = None
         if visible:
             slots = torch.cat([w for _, w in visible], dim=1)  # (B, M, D)
-            ages = torch.tensor([i - j for j, _ in visible for _ in range(cfg.mem_slots)], device=tokens.device)
+            ages = torch.tensor(
+                [i - j for j, _ in visible for _ in range(cfg.mem_slots)], device=tokens.device
+            )
             ages = ages.expand(B, -1)
             memory = MemorySlots(
                 slots=slots,

@@ -19,9 +19,13 @@ async def test_engine_segments_round_trip_through_the_bus(
     nats_server: NatsServer, mem_config: MemoryConfig, tiny_model: ByteLM
 ) -> None:
     cfg = tiny_model.config
-    svc = await MemoryService.connect(nats_server.url, cfg, model_compressor(tiny_model), mem_config)
+    svc = await MemoryService.connect(
+        nats_server.url, cfg, model_compressor(tiny_model), mem_config
+    )
     hooks = EngineMemory(svc, capacity=mem_config.max_slots)
-    engine = Engine(tiny_model, EngineConfig(max_slots=2, memory_capacity=mem_config.max_slots), hooks)
+    engine = Engine(
+        tiny_model, EngineConfig(max_slots=2, memory_capacity=mem_config.max_slots), hooks
+    )
     segments = 5
     async with svc, anyio.create_task_group() as tg:
         await tg.start(svc.run_workers, 2)
