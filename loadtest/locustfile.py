@@ -216,10 +216,12 @@ class IngestUser(User):
 
     @task
     def publish(self) -> None:
-        while self.inflight < CFG.nats_inflight:
+        burst = 1 if CFG.doc_rate else CFG.nats_inflight
+        while self.inflight < CFG.nats_inflight and burst:
             self.bus.submit(CFG.namespace, CFG.doc_bytes, self.out)
             self.inflight += 1
-        gevent.sleep(0.005)  # acks come back through the deque
+            burst -= 1
+        gevent.sleep(1 / CFG.doc_rate if CFG.doc_rate else 0.005)  # acks come through the deque
         while self.out:
             p = self.out.popleft()
             self.inflight -= 1

@@ -32,6 +32,7 @@ class LoadConfig:
     doc_bytes: int = 4096  # BWR_DOC_BYTES: bytes per published document
     namespace: str = "loadtest"  # BWR_NAMESPACE: documents go to docs.ingest.<namespace>
     nats_inflight: int = 8  # BWR_NATS_INFLIGHT: publishes in flight per NATS user
+    doc_rate: float = 0.0  # BWR_DOC_RATE: documents/s per NATS user (0: as fast as acks come)
 
     @classmethod
     def from_env(cls) -> LoadConfig:
@@ -50,6 +51,7 @@ class LoadConfig:
             doc_bytes=_int("BWR_DOC_BYTES", d.doc_bytes),
             namespace=os.environ.get("BWR_NAMESPACE", d.namespace),
             nats_inflight=_int("BWR_NATS_INFLIGHT", d.nats_inflight),
+            doc_rate=_float("BWR_DOC_RATE", d.doc_rate),
         )
 
     @property

@@ -7,7 +7,8 @@ Writes to --out: locust's report.html and stats CSVs (report_stats.csv, ...), up
 locust.log, and summary.json: per request name its count, failures, p50/p99 (ms) and rate; the
 server's peak RSS (VmHWM of the `bwr up` process, plus VmRSS sampled every second); and, with
 NATS users, documents acked, the DOCS stream's message count, and whether they match. `bwr up`
-runs no ingest worker, so nothing consumes DOCS here: the check is published == stream count.
+runs the ingest worker: after locust stops, run.py waits (while it makes progress) until the
+namespace's document count reaches the acked count; the check is acked == stream == ingested.
 
 run.py owns the processes it starts (the server, its embedded nats-server, locust) and stops
 them all; it never imports gevent (locust runs as a subprocess).
@@ -29,6 +30,7 @@ from pathlib import Path
 from typing import Any
 
 ROOT = Path(__file__).resolve().parent.parent
+STALL_S = 20.0  # seconds without ingest progress before run.py stops waiting for the count
 
 
 class Up:
@@ -153,6 +155,8 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
                 code = subprocess.run(cmd, stdout=log, stderr=subprocess.STDOUT, env=env,
                                       cwd=ROOT, timeout=args.duration + 120).returncode  # fmt: skip
             elapsed = time.monotonic() - t0
+            acked = _acked(out)
+            ingested, drain_s = _wait_ingested(up.url, acked.get("acked", 0), args.ingest_wait)
             stream = (0, 0)
             if up.nats_url:
                 try:
@@ -164,7 +168,6 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
         finally:
             code_up = up.stop()
     stats = read_stats(out / "report_stats.csv")
-    acked = json.loads((out / "acked.json").read_text()) if (out / "acked.json").exists() else {}
     failures = sum(v["failures"] for k, v in stats.items() if k != "Aggregated")
     requests_ = sum(v["requests"] for k, v in stats.items() if k != "Aggregated")
     turns = stats.get("WS turn", {})
@@ -193,13 +196,42 @@ def run(args: argparse.Namespace) -> dict[str, Any]:
             "published_bytes": acked.get("acked_bytes", 0),
             "stream_messages": stream[0],
             "stream_bytes": stream[1],
-            "match": acked.get("acked", 0) == stream[0],
+            "ingested": ingested,  # documents in the namespace (GET /v1/namespaces/{ns})
+            "ingest_drain_s": drain_s,  # after locust stopped, until ingested caught up
+            "match": acked.get("acked", 0) == stream[0] == ingested,
             "docs_per_s": round(acked.get("acked", 0) / args.duration, 1),
             "mb_per_s": round(acked.get("acked_bytes", 0) / args.duration / 1e6, 3),
-            "ingested": None,  # `bwr up` runs no ingest worker
         }
     (out / "summary.json").write_text(json.dumps(summary, indent=1))
     return summary
+
+
+def _acked(out: Path) -> dict[str, int]:
+    f = out / "acked.json"
+    return json.loads(f.read_text()) if f.exists() else {}
+
+
+def _wait_ingested(url: str, acked: int, wait_s: float) -> tuple[int | None, float]:
+    """Poll the namespace until the ingest worker of `bwr up` has applied `acked` documents,
+    for at most `wait_s` (or STALL_S without progress) -> (documents ingested, seconds waited)."""
+    if not acked:
+        return None, 0.0
+    import httpx
+
+    ns = os.environ.get("BWR_NAMESPACE", "loadtest")
+    t0 = last_change = time.monotonic()
+    seen = -1
+    while True:
+        try:
+            docs = int(httpx.get(f"{url}/v1/namespaces/{ns}", timeout=10).json()["documents"])
+        except (httpx.HTTPError, KeyError, ValueError):
+            docs = seen
+        now = time.monotonic()
+        if docs != seen:
+            seen, last_change = docs, now
+        if seen >= acked or now - last_change > STALL_S or now - t0 > wait_s:
+            return seen, round(now - t0, 1)
+        time.sleep(0.5)
 
 
 async def _stream(url: str) -> tuple[int, int]:
@@ -222,8 +254,9 @@ def table(s: dict[str, Any]) -> str:
     if "ingest" in s:
         i = s["ingest"]
         lines.append(
-            f"ingest: {i['published_acked']:,} acked == {i['stream_messages']:,} in DOCS:"
-            f" {i['match']}; {i['docs_per_s']} docs/s, {i['mb_per_s']} MB/s"
+            f"ingest: {i['published_acked']:,} acked, {i['stream_messages']:,} in DOCS,"
+            f" {i['ingested']} ingested ({i['ingest_drain_s']} s after the run): match"
+            f" {i['match']}; {i['docs_per_s']} docs/s, {i['mb_per_s']} MB/s acked"
         )
     return "\n".join(lines)
 
@@ -237,6 +270,8 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument("--max-sessions", type=int, default=int(env("MAX_SESSIONS", 0)) or None,
                    help="bwr up --max-sessions (default: users + 64)")  # fmt: skip
     p.add_argument("--out", default=env("OUT", "out/loadtest"))
+    p.add_argument("--ingest-wait", type=float, default=float(env("INGEST_WAIT", 60)),
+                   help="most seconds to wait after the run for the ingested count")  # fmt: skip
     p.add_argument("up_args", nargs="*", help="more flags for bwr up (after --)")
     args = p.parse_args(argv)
     args.max_sessions = args.max_sessions or args.users + 64

@@ -1,6 +1,7 @@
 """Smoke load test: a real `bwr up` (tiny, CPU) under 20 locust users for 20 s, WebSocket
 sessions, OpenAI SSE completions and NATS ingestion mixed. Fails on any failed request, on a
-kind of request that never completed, and on published != DOCS stream count.
+kind of request that never completed, and unless documents acked == DOCS stream count ==
+documents the ingest worker of `bwr up` applied.
 
 It runs loadtest/run.py as a subprocess: locust's gevent patching stays out of this process.
 """
@@ -29,6 +30,8 @@ def test_smoke(tmp_path: Path) -> None:
         "BWR_MAX_BYTES": "32",
         "BWR_TURN_BYTES": "64",
         "BWR_NATS_INFLIGHT": "2",
+        "BWR_DOC_RATE": "2",  # the ingest worker applies a few documents/s on a CPU
+        "BWR_DOC_BYTES": "512",
     }
     cmd = [sys.executable, "-m", "loadtest.run", "--users", str(USERS), "--spawn-rate", "20",
            "--duration", str(SECONDS), "--out", str(tmp_path)]  # fmt: skip
@@ -44,7 +47,7 @@ def test_smoke(tmp_path: Path) -> None:
         assert s["stats"].get(name, {}).get("requests", 0) > 0, f"no {name}\n{detail}"
     ingest = s["ingest"]
     assert ingest["published_acked"] > 0
-    assert ingest["published_acked"] == ingest["stream_messages"], ingest
+    assert ingest["published_acked"] == ingest["stream_messages"] == ingest["ingested"], ingest
     assert s["server_peak_rss_bytes"] > 0
     assert r.returncode == 0, detail
     for report in ("report.html", "report_stats.csv"):
