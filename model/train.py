@@ -209,7 +209,9 @@ def make_optimizer(model: ByteLM, cfg: TrainConfig) -> torch.optim.AdamW:
         {"params": decay, "weight_decay": cfg.weight_decay},
         {"params": other, "weight_decay": 0.0},
     ]
-    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=False)
+    # fused on the GPU: one kernel for all parameters (the foreach path took a fifth of a step)
+    fused = model.embed.weight.is_cuda
+    return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
 def sequence_loss(model: ByteLM, batch: Tensor, segments: int, lag: int) -> Tensor:
