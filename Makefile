@@ -5,7 +5,10 @@ BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 TORCH_PIN ?= torch==2.13.0
 
-.PHONY: run test lint bench loadtest clean
+UPLOT ?= uplot@1.6.32
+VENDOR := web/static/vendor
+
+.PHONY: run test lint bench loadtest clean browser
 
 $(BIN)/python:
 	$(PY) -m venv $(VENV)
@@ -17,13 +20,28 @@ $(STAMP): $(BIN)/python pyproject.toml
 	$(BIN)/pip install -q -e ".[dev]"
 	touch $(STAMP)
 
-install: $(STAMP)
+# The page's charting library, fetched from npm once; the files are committed, so a checkout
+# without npm (or without a network) already has them and this is a no-op.
+$(VENDOR)/uPlot.iife.min.js:
+	mkdir -p $(VENDOR)
+	tmp=$$(mktemp -d) && cd $$tmp && npm pack -q $(UPLOT) >/dev/null && tar xzf uplot-*.tgz \
+		&& cp package/dist/uPlot.iife.min.js package/dist/uPlot.min.css package/LICENSE \
+			$(CURDIR)/$(VENDOR)/ && rm -rf $$tmp
+
+# The browser tests drive Debian's chromium (never a downloaded browser): installed when
+# missing and we are root; otherwise tests/web skips.
+browser:
+	@if [ ! -x /usr/bin/chromium ] && [ "$$(id -u)" = 0 ]; then \
+		apt-get update -q && DEBIAN_FRONTEND=noninteractive apt-get install -y -q chromium; \
+	fi
+
+install: $(STAMP) $(VENDOR)/uPlot.iife.min.js
 
 # `make run UP_ARGS="--port 9000 --model small"` passes flags to `bwr up`.
-run: $(STAMP)
+run: $(STAMP) $(VENDOR)/uPlot.iife.min.js
 	$(BIN)/bwr up $(UP_ARGS)
 
-test: $(STAMP)
+test: $(STAMP) $(VENDOR)/uPlot.iife.min.js browser
 	$(BIN)/python -m pytest -q
 
 lint: $(STAMP)

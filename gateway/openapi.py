@@ -187,6 +187,12 @@ def document(version: str) -> Schema:
                     "responses": {"200": {"description": "text exposition"}},
                 }
             },
+            "/v1/events": {
+                "get": {
+                    "summary": "The page's event feed: engine summaries and session events (SSE)",
+                    "responses": {"200": {"content": {"text/event-stream": {"schema": STR}}}},
+                }
+            },
             "/v1/info": {
                 "get": _op(
                     "Version, model, device, NATS URL, weights version",

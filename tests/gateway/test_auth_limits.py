@@ -37,7 +37,7 @@ def auth(key: str = KEY) -> dict[str, str]:
 
 async def test_http_needs_the_key(locked: Running) -> None:
     async with httpx.AsyncClient(base_url=locked.url) as http:
-        for path in ("/v1/info", "/metrics", "/v1/sessions", "/openapi.json", "/"):
+        for path in ("/v1/info", "/metrics", "/v1/sessions", "/openapi.json", "/v1/events"):
             r = await http.get(path)
             assert r.status_code == 401 and r.headers["www-authenticate"] == "Bearer", path
             assert r.json()["error"]["code"] == "unauthorized"
@@ -46,6 +46,7 @@ async def test_http_needs_the_key(locked: Running) -> None:
         assert (await http.post("/v1/completions", json={"prompt": "x"})).status_code == 401
         assert (await http.get("/healthz")).status_code == 200
         assert (await http.get("/readyz")).status_code == 200
+        assert (await http.get("/")).status_code == 200  # the page asks for the key itself
 
 
 async def test_websocket_header_or_first_frame(locked: Running) -> None:

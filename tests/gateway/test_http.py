@@ -133,7 +133,7 @@ async def test_info_probes_openapi(server: Running) -> None:
         assert ready.status_code == 200 and ready.json()["nats"] == "off"
         doc = (await http.get("/openapi.json")).json()
         assert doc["openapi"].startswith("3.") and "/v1/chat/completions" in doc["paths"]
-        assert "dashboard is coming" in (await http.get("/")).text
+        assert '<script src="/static/app.js"' in (await http.get("/")).text
 
 
 async def test_metrics_move(server: Running) -> None:
