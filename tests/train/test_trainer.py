@@ -71,8 +71,13 @@ async def test_killed_trainer_resumes_and_loses_no_document(
         proc = subprocess.Popen(trainer(url, micro_json, log), cwd=ROOT, stdout=out, stderr=out)
         try:
             with anyio.fail_after(60):
-                while not mid_interval(log):
+                while True:
                     assert proc.poll() is None, (tmp_path / "run1.out").read_text()[-3000:]
+                    if mid_interval(log):
+                        proc.send_signal(signal.SIGSTOP)  # frozen: the log is final
+                        if mid_interval(log):  # no checkpoint slipped in before the stop
+                            break
+                        proc.send_signal(signal.SIGCONT)
                     await anyio.sleep(0.02)
             proc.send_signal(signal.SIGKILL)
         finally:
@@ -96,6 +101,15 @@ async def test_killed_trainer_resumes_and_loses_no_document(
             lambda: subprocess.run(cmd, cwd=ROOT, capture_output=True, text=True, timeout=90)
         )
         assert done.returncode == 0, done.stderr[-3000:]
+        bus = await Bus.connect(url, MemoryConfig())
+        try:
+            latest = await latest_checkpoint(bus)
+        finally:
+            await bus.close()
+        assert latest is not None
+        with anyio.fail_after(5):  # the last notice may still be on its way
+            while not notices or notices[-1] != latest.version:
+                await anyio.sleep(0.02)
     finally:
         await sub.unsubscribe()
         await nc.close()
@@ -126,8 +140,7 @@ async def test_killed_trainer_resumes_and_loses_no_document(
     try:
         ci = await bus.js.consumer_info("DOCS", "trainer")
         assert (ci.num_pending, ci.num_ack_pending) == (0, 0)
-        latest = await latest_checkpoint(bus)
-        assert latest is not None and latest.step == steps2[-1]["step"]
+        assert latest.step == steps2[-1]["step"]
         assert notices and notices[-1] == latest.version and notices == sorted(notices)
         path = await fetch_checkpoint(bus, latest.object, tmp_path / "ckpt", MODEL_FILES)
         model = ByteLM.load(str(path))
