@@ -86,7 +86,7 @@ class SessionUser(User):
                 max_size=None,
                 open_timeout=CFG.timeout_s,
                 compression=None,
-            )
+            ).__enter__()  # entered: websockets 17.1 warns about a bare connect()
             self.ws.send(json.dumps({"type": "open", "sampling": {"max_bytes": CFG.max_bytes}}))
             frame = json.loads(self.ws.recv(timeout=CFG.timeout_s))
             if frame.get("type") != "opened":
