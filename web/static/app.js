@@ -17,6 +17,7 @@ const state = {
   frames: 0, // delta frames of the current turn
   retry: 500, // ms before the next reconnect (doubles up to 5 s)
   levels: [],
+  needKey: false, // the gateway answered 401: wait for a key before asking again
 };
 
 function headers() {
@@ -28,6 +29,7 @@ function headers() {
 
 async function getJSON(path) {
   const r = await fetch(path, { headers: headers(), cache: "no-store" });
+  if (r.status === 401) needKey();
   if (!r.ok) throw new Error(path + ": HTTP " + r.status);
   return r.json();
 }
@@ -36,6 +38,12 @@ function setConn(text, cls) {
   const el = $("conn");
   el.textContent = text;
   el.className = "pill " + cls;
+}
+
+function needKey() {
+  state.needKey = true;
+  setConn("API key needed", "down");
+  $("api-key").focus();
 }
 
 // ----- views -----
@@ -109,7 +117,13 @@ function onFrame(f) {
       showLevels(f.levels, f.version);
       break;
     case "error":
-      if (f.code === "unknown_session" || (f.code === "unauthorized" && state.session && !f.fatal)) {
+      if (f.code === "unauthorized" && !state.session) { // no key, or a wrong one: stop asking
+        const ws = state.ws;
+        state.ws = null;
+        state.wsUp = false;
+        if (ws) ws.close();
+        needKey();
+      } else if (f.code === "unknown_session" || (f.code === "unauthorized" && state.session && !f.fatal)) {
         // the session is gone (or its token no longer fits): start a fresh one
         state.session = null;
         localStorage.removeItem(STORE.session);
@@ -201,7 +215,7 @@ function showLevels(levels, version) {
 }
 
 async function refreshMemory() {
-  if (!state.session) return;
+  if (!state.session || state.needKey) return;
   try {
     const m = await getJSON(`/v1/sessions/${state.session.id}/memory`);
     $("mem-session").textContent = m.session;
@@ -325,8 +339,10 @@ function onSession(e) {
 async function feed() {
   let wait = 500;
   for (;;) {
+    while (state.needKey) await new Promise((res) => setTimeout(res, 250));
     try {
       const r = await fetch("/v1/events", { headers: headers(), cache: "no-store" });
+      if (r.status === 401) needKey();
       if (!r.ok) throw new Error("HTTP " + r.status);
       wait = 500;
       const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
@@ -364,7 +380,7 @@ function dispatch(block) {
 
 // /metrics-derived figures and the caller's sessions, polled while the dashboard shows.
 async function refreshSessions() {
-  if ($("view-dashboard").hidden) return;
+  if ($("view-dashboard").hidden || state.needKey) return;
   try {
     const { sessions } = await getJSON("/v1/sessions");
     const body = document.querySelector("#sessions tbody");
@@ -417,6 +433,7 @@ function start() {
   $("api-key").value = state.apiKey;
   $("api-key").addEventListener("change", () => {
     state.apiKey = $("api-key").value.trim();
+    state.needKey = false;
     localStorage.setItem(STORE.key, state.apiKey);
     newSession();
   });
