@@ -77,7 +77,8 @@ class SessionUser(User):
             self.ws = None
 
     def _open(self) -> None:
-        url = self.host.replace("http://", "ws://").replace("https://", "wss://") + "/v1/stream"
+        base = str(self.host).replace("http://", "ws://").replace("https://", "wss://")
+        url = base + "/v1/stream"
         t0 = time.perf_counter()
         try:
             self.ws = connect(
@@ -157,7 +158,7 @@ class CompletionUser(User):
     @task
     def completion(self) -> None:
         self.n += 1
-        body = {
+        body: dict[str, Any] = {
             "prompt": turn_text(CFG.turn_bytes, self.salt * 11 + self.n),
             "max_tokens": CFG.max_bytes,
             "stream": True,
@@ -167,7 +168,7 @@ class CompletionUser(User):
         got = 0
         try:
             with self.http.post(
-                self.host + "/v1/completions",
+                f"{self.host}/v1/completions",
                 json=body,
                 headers=CFG.headers,
                 stream=True,
