@@ -201,6 +201,12 @@ class Gateway:
 
     # ----- persistence -----
 
+    def session_opened(self, entry: Entry) -> None:
+        """A session was created or restored: with a namespace, it reads that namespace's memory."""
+        plugin = self.hooks.persistence
+        if plugin is not None and entry.namespace:
+            plugin.open_namespace(entry.id, entry.namespace, entry.session.context_bytes)
+
     def turn_done(self, entry: Entry) -> None:
         """A turn ended on a session: snapshot it in the background (when persistence is on)."""
         plugin = self.hooks.persistence
@@ -227,13 +233,14 @@ class Gateway:
         snap, meta = found
         session = self.engine.open(sid, binary=bool(meta.get("binary")), restore=snap)
         assert token_hash(token) == meta["token_hash"]
-        self.registry.adopt(
+        entry = self.registry.adopt(
             session,
             bytes.fromhex(meta["token_hash"]),
             str(meta.get("owner", "")),
             binary=bool(meta.get("binary")),
             namespace=meta.get("namespace"),
         )
+        self.session_opened(entry)
 
     @asynccontextmanager
     async def lifespan(self, app: Starlette) -> AsyncIterator[None]:

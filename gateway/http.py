@@ -177,6 +177,7 @@ async def create_session(request: Request) -> Response:
         return fail_engine(request, e)
     except ClientDisconnect:
         return Response(status_code=400)
+    gw.session_opened(entry)
     sid = entry.id
     return JSON(
         {

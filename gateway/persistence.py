@@ -64,12 +64,15 @@ class MemoryPlugin:
         self.model = model
         self.config = config or MemoryConfig()
         self.workers = workers
-        self.capacity = self.config.max_slots  # memory slots a session reads (engine pool width)
+        # Memory slots a session reads (the engine pool's width): its own levels, then as many
+        # again for a namespace it was opened with.
+        self.capacity = 2 * self.config.max_slots
         self.service: MemoryService | None = None
         self.hooks: EngineMemory | None = None
         self.engine: Engine | None = None
         self._dirty: dict[str, dict[str, Any]] = {}  # session -> metadata of a snapshot to write
         self._wake = asyncio.Event()
+        self._background: list[asyncio.Future[None]] = []
         self.saved = 0
 
     async def connect(self) -> EngineMemory:
@@ -189,6 +192,24 @@ class MemoryPlugin:
         if snap.memory is not None and self.hooks is not None:
             self.hooks.install(session, snap.memory, restored.context_bytes)
         return restored, meta
+
+    def open_namespace(self, session: str, namespace: str, context_bytes: int = 0) -> None:
+        """A session opened with a namespace: read that namespace's memory (fetched in the
+        background; the engine installs it between steps)."""
+        assert self.hooks is not None
+        hooks = self.hooks
+
+        async def fetch() -> None:
+            try:
+                memory = await self.namespace_memory(namespace)
+            except Exception:
+                log.exception("namespace %s: memory unreadable", namespace)
+                return
+            if memory is not None:
+                hooks.set_namespace(session, memory, context_bytes)
+
+        self._background.append(asyncio.ensure_future(fetch()))
+        self._background = [t for t in self._background if not t.done()]
 
     # ----- reads -----
 

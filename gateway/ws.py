@@ -276,6 +276,7 @@ class Connection:
                 self.owner, binary=req.binary, namespace=req.namespace, defaults=req.sampling
             )
             gw.registry.bind(entry, self)
+            gw.session_opened(entry)
             resumed = False
         self.entry = entry
         self.to(ConnState.OPEN, ConnState.READY)

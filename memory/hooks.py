@@ -47,6 +47,8 @@ class EngineMemory:
         self._wake = asyncio.Event()
         self._ready: list[MemoryUpdate] = []
         self._installed: dict[str, int] = {}  # session -> version handed to the engine
+        self._latest: dict[str, SessionMemory] = {}  # session -> its version handed last
+        self._namespaces: dict[str, SessionMemory] = {}  # session -> namespace memory it reads
         self._live: set[str] = set()
         self._stream: torch.cuda.Stream | None = None
         self.submitted = 0
@@ -85,17 +87,38 @@ class EngineMemory:
         """The session closed: stop fetching its versions (its jobs still complete)."""
         self._live.discard(session)
         self._installed.pop(session, None)
+        self._latest.pop(session, None)
+        self._namespaces.pop(session, None)
 
     def update_for(self, session: str, memory: SessionMemory, context_bytes: int) -> MemoryUpdate:
-        """A version as the engine installs it (padded to capacity; ages come from `written`)."""
+        """A version as the engine installs it (padded to capacity; ages come from `written`).
+        A session opened with a namespace reads that namespace's slots after its own, as the
+        read-only level NAMESPACE_LEVEL; their `written` lies in the future, so their age is 0."""
         current = context_bytes // self.segment_len
+        ns = self._namespaces.get(session)
+        written = memory.written(self.capacity)
+        if ns is not None:
+            written[min(memory.slot_count, self.capacity) :] = 1 << 40
+        self._latest[session] = memory
+        levels = memory.level_summaries()
+        if ns is not None:  # the namespace shows as level 0 (NAMESPACE_LEVEL)
+            covered = sum(lv["bytes_covered"] for lv in ns.level_summaries())
+            namespace_level = {"level": 0, "slots": ns.slot_count, "capacity": ns.slot_count}
+            levels = [{**namespace_level, "bytes_covered": covered}, *levels]
         return MemoryUpdate(
             session=session,
             version=memory.version,
-            memory=memory.to_slots(self.capacity, current),
-            written=memory.written(self.capacity),
-            levels=memory.level_summaries(),
+            memory=memory.to_slots(self.capacity, current, namespace=ns),
+            written=written,
+            levels=levels,
         )
+
+    def set_namespace(self, session: str, namespace: SessionMemory, context_bytes: int) -> None:
+        """The session reads `namespace` from now on (its own memory stays as it was)."""
+        self._live.add(session)
+        self._namespaces[session] = namespace
+        own = self._latest.get(session) or self.service.empty
+        self._ready.append(self.update_for(session, own, context_bytes))
 
     def install(self, session: str, memory: SessionMemory, context_bytes: int) -> None:
         """Hand a version to the engine now (a session resumed with its memory)."""
