@@ -85,7 +85,13 @@ def test_dashboard_lists_the_session_and_charts_draw(
     page.goto(gateway.url + "/#dashboard")
     page.wait_for_function("window.bwr && window.bwr.state.wsUp")
     sid = page.evaluate("window.bwr.state.session.id")
-    page.wait_for_selector(f"#sessions tr[data-session='{sid}']")
+    row = page.wait_for_selector(f"#sessions tr[data-session='{sid}']")
+    page.wait_for_function(  # its memory column: the levels the chat test filled
+        "sid => /slots/.test(document.querySelector(`#sessions tr[data-session='${sid}']`)"
+        ".children[3].textContent)",
+        arg=sid,
+    )
+    assert row is not None
     # the feed sends a summary every second: each uPlot instance holds several points
     page.wait_for_function(
         "() => Object.values(window.bwr.charts).every(c => c.plot.data[0].length >= 3)"

@@ -20,15 +20,16 @@ const state = {
   needKey: false, // the gateway answered 401: wait for a key before asking again
 };
 
-function headers() {
+function headers(withToken = true) {
   const h = {};
   if (state.apiKey) h.Authorization = "Bearer " + state.apiKey;
-  if (state.session) h["X-Session-Token"] = state.session.token;
+  if (withToken && state.session) h["X-Session-Token"] = state.session.token;
   return h;
 }
 
-async function getJSON(path) {
-  const r = await fetch(path, { headers: headers(), cache: "no-store" });
+// withToken false: read as the owner (the key or the client address), for sessions of the list
+async function getJSON(path, withToken = true) {
+  const r = await fetch(path, { headers: headers(withToken), cache: "no-store" });
   if (r.status === 401) needKey();
   if (!r.ok) throw new Error(path + ": HTTP " + r.status);
   return r.json();
@@ -383,12 +384,21 @@ async function refreshSessions() {
   if ($("view-dashboard").hidden || state.needKey) return;
   try {
     const { sessions } = await getJSON("/v1/sessions");
+    const shown = sessions.slice(0, 16); // one memory read each: keep it to a screenful
+    const mems = await Promise.all(shown.map((s) =>
+      getJSON(`/v1/sessions/${s.session}/memory`, false).catch(() => null)));
+    let pending = 0;
     const body = document.querySelector("#sessions tbody");
     body.textContent = "";
-    for (const s of sessions) {
+    shown.forEach((s, i) => {
+      const m = mems[i];
+      pending += (m && m.pending_jobs) || 0;
+      const mem = !m ? "-" : m.memory === "off" ? "off"
+        : `v${m.version} · ${levelsLabel(m.levels)} · ${m.slots || 0} slots`;
       const tr = document.createElement("tr");
       tr.dataset.session = s.session;
-      for (const v of [s.session, s.state, s.context_bytes, s.generating ? "yes" : "no", fmt(s.idle_s)]) {
+      const cells = [s.session, s.state, s.context_bytes, mem, s.generating ? "yes" : "no", fmt(s.idle_s)];
+      for (const v of cells) {
         const td = document.createElement("td");
         td.textContent = v;
         tr.appendChild(td);
@@ -402,7 +412,8 @@ async function refreshSessions() {
       }
       tr.appendChild(td);
       body.appendChild(tr);
-    }
+    });
+    $("m-pending").textContent = String(pending);
   } catch (e) { /* retried on the next tick */ }
   try {
     const r = await fetch("/metrics", { headers: headers(), cache: "no-store" });
@@ -425,6 +436,9 @@ function showMetrics(m) {
   $("m-batch").textContent = n ? fmt(m["bwr:engine_batch_size_sum"] / n, 2) : "-";
   const seg = m["bwr:segments_closed_total"];
   $("m-segments").textContent = seg === undefined ? "-" : String(seg);
+  let turns = 0;
+  for (const [k, v] of Object.entries(m)) if (k.startsWith("bwr:turns_total{")) turns += v;
+  $("m-turns").textContent = String(turns);
 }
 
 // ----- start -----
