@@ -3,13 +3,17 @@ under `/static`, and `GET /v1/events`, a Server-Sent Events feed of what the gat
 
 The feed is an in-process fan-out (`Feed`): every `Gateway.emit` (session events) and the periodic
 engine summary reach each subscriber's bounded queue; a subscriber that reads too slowly loses
-events (counted) rather than slowing the gateway. It works with or without NATS. web.py never
-touches the engine itself: it reads only what the Gateway hands it.
+events (counted) rather than slowing the gateway. It works with or without NATS; with a bus, each
+subscriber also gets the other services' `events.>` (namespace ingestion, failed memory jobs),
+forwarded as they are. web.py never touches the engine itself: it reads only what the Gateway
+hands it.
 """
 
 from __future__ import annotations
 
 import asyncio
+import logging
+import re
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import contextmanager
@@ -23,12 +27,18 @@ from starlette.responses import FileResponse, Response, StreamingResponse
 from starlette.routing import BaseRoute, Mount, Route
 from starlette.staticfiles import StaticFiles
 
+from gateway.events import EVENTS_PREFIX
+
 if TYPE_CHECKING:
     from gateway.app import Gateway
+
+log = logging.getLogger("bwr.web")
 
 STATIC = Path(__file__).resolve().parent.parent / "web" / "static"
 KEEPALIVE_S = 15.0  # an SSE comment this often keeps proxies from closing an idle feed
 POLL_S = 0.5  # how often a waiting feed looks at whether the gateway is closing
+OWN_KINDS = frozenset({"engine", "session"})  # in the feed from this process, not from the bus
+KIND = re.compile(r"[A-Za-z0-9_.-]{1,64}")  # an SSE event name taken from a subject
 
 
 class Feed:
@@ -44,13 +54,16 @@ class Feed:
         """Hand one event to every subscriber; never blocks (a full queue drops it)."""
         if not self.subscribers:
             return
-        data = orjson.dumps({"ts": time.time(), **payload})
-        frame = b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
+        frame = self.frame(kind, orjson.dumps({"ts": time.time(), **payload}))
         for q in self.subscribers:
             try:
                 q.put_nowait(frame)
             except asyncio.QueueFull:
                 self.dropped += 1
+
+    @staticmethod
+    def frame(kind: str, data: bytes) -> bytes:
+        return b"event: " + kind.encode() + b"\ndata: " + data + b"\n\n"
 
     @contextmanager
     def subscribe(self) -> Iterator[asyncio.Queue[bytes] | None]:
@@ -81,6 +94,30 @@ async def page(request: Request) -> Response:
     return FileResponse(STATIC / "index.html", headers={"Cache-Control": "no-cache"})
 
 
+async def _bridge(gw: Gateway, q: asyncio.Queue[bytes]) -> Any:
+    """Subscribe q to the bus's `events.>` from other services; None without a connected bus."""
+    nc = gw.events.nc if gw.events is not None else None
+    if nc is None or not nc.is_connected:
+        return None
+
+    async def forward(msg: Any) -> None:
+        kind = msg.subject.removeprefix(EVENTS_PREFIX + ".")
+        if kind in OWN_KINDS or not KIND.fullmatch(kind) or b"\n" in msg.data:
+            return
+        try:
+            q.put_nowait(Feed.frame(kind, msg.data))
+        except asyncio.QueueFull:
+            gw.feed.dropped += 1
+
+    try:
+        sub = await nc.subscribe(EVENTS_PREFIX + ".>", cb=forward)
+        await nc.flush(timeout=1)  # the server knows the subscription before the feed answers
+        return sub
+    except Exception as e:  # the bus is optional: the feed goes on without it
+        log.debug("web: cannot subscribe to events: %s", e)
+        return None
+
+
 async def events(request: Request) -> Response:
     """`event: engine` every second (Gateway.summary) and `event: session` as sessions change."""
     gw = _gateway(request)
@@ -90,20 +127,29 @@ async def events(request: Request) -> Response:
             if q is None:
                 yield b'event: error\ndata: {"error":"too many event subscribers"}\n\n'
                 return
-            yield b"retry: 1000\n: connected\n\n"
-            idle = 0.0
-            while not gw.closing:
-                try:
-                    with anyio.fail_after(POLL_S):
-                        frame = await q.get()
-                except TimeoutError:
-                    idle += POLL_S
-                    if idle >= KEEPALIVE_S:
-                        idle = 0.0
-                        yield b": keepalive\n\n"
-                    continue
+            sub = await _bridge(gw, q)
+            try:
+                yield b"retry: 1000\n: connected\n\n"
                 idle = 0.0
-                yield frame
+                while not gw.closing:
+                    try:
+                        with anyio.fail_after(POLL_S):
+                            frame = await q.get()
+                    except TimeoutError:
+                        idle += POLL_S
+                        if idle >= KEEPALIVE_S:
+                            idle = 0.0
+                            yield b": keepalive\n\n"
+                        continue
+                    idle = 0.0
+                    yield frame
+            finally:
+                if sub is not None:
+                    with anyio.CancelScope(shield=True):
+                        try:
+                            await sub.unsubscribe()
+                        except Exception as e:  # a closed connection has no subscription left
+                            log.debug("web: unsubscribe failed: %s", e)
 
     return StreamingResponse(
         stream(),

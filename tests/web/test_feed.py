@@ -5,15 +5,18 @@ instead of slowing the gateway; the page and its static files need no API key.""
 from __future__ import annotations
 
 from collections.abc import Iterator
+from pathlib import Path
 
 import anyio
 import httpx
+import nats
 import orjson
 import pytest
 
 from gateway.config import GatewayConfig
 from gateway.web import Feed
 from tests.gateway.conftest import TIMEOUT, Client, Running, serve
+from tests.nats_server import NatsServer
 
 
 @pytest.fixture(scope="module")
@@ -66,6 +69,42 @@ async def test_page_and_static_files(running: Running) -> None:
         for path in ("/static/app.js", "/static/style.css", "/static/vendor/uPlot.min.css"):
             assert (await http.get(path)).status_code == 200, path
         assert (await http.get("/static/nothing.js")).status_code == 404
+
+
+async def test_feed_forwards_other_services_events_from_nats(tmp_path: Path) -> None:
+    with NatsServer(tmp_path / "nats") as server:
+        r = serve(GatewayConfig(nats_url=server.url, events_interval_s=0.2))
+        try:
+            for _ in range(100):  # the gateway connects to the bus in the background
+                if r.gateway.nats_state() == 1:
+                    break
+                await anyio.sleep(0.05)
+            nc = await nats.connect(server.url)
+            async with (
+                httpx.AsyncClient(base_url=r.url, timeout=TIMEOUT) as http,
+                http.stream("GET", "/v1/events") as resp,
+            ):
+                lines = resp.aiter_lines()
+                async for line in lines:  # the feed answers once it is subscribed to the bus
+                    if line == ": connected":
+                        break
+                data = orjson.dumps({"namespace": "docs", "documents": 2, "bytes": 10})
+                await nc.publish("events.namespace", data)
+                await nc.flush()
+                kinds: dict[str, int] = {}
+                kind = ""
+                async for line in lines:
+                    if line.startswith("event: "):
+                        kind = line[7:]
+                        kinds[kind] = kinds.get(kind, 0) + 1
+                        assert sum(kinds.values()) < 100, kinds
+                    elif line.startswith("data: ") and kind == "namespace":
+                        assert orjson.loads(line[6:])["documents"] == 2
+                        break
+            await nc.close()
+            assert kinds.get("namespace") == 1
+        finally:
+            r.stop()
 
 
 def test_feed_is_bounded() -> None:

@@ -336,6 +336,23 @@ function onSession(e) {
   refreshSessions();
 }
 
+function onNamespace(e) { // ingestion per namespace, from the bus (events.namespace)
+  const body = document.querySelector("#namespaces tbody");
+  let tr = body.querySelector(`tr[data-namespace="${CSS.escape(e.namespace)}"]`);
+  if (!tr) {
+    tr = document.createElement("tr");
+    tr.dataset.namespace = e.namespace;
+    for (let i = 0; i < 4; i++) tr.appendChild(document.createElement("td"));
+    body.appendChild(tr);
+  }
+  const cells = [e.namespace, e.documents, e.bytes, new Date(e.ts * 1000).toLocaleTimeString()];
+  cells.forEach((v, i) => { tr.children[i].textContent = v; });
+}
+
+function onOther(kind, e) {
+  onSession({ ts: e.ts || Date.now() / 1000, event: kind, session: e.session || "" });
+}
+
 // GET /v1/events read with fetch (EventSource cannot send the Authorization header); reconnects.
 async function feed() {
   let wait = 500;
@@ -377,6 +394,8 @@ function dispatch(block) {
   const e = JSON.parse(data);
   if (event === "engine") onEngine(e);
   else if (event === "session") onSession(e);
+  else if (event === "namespace") onNamespace(e);
+  else if (event === "memory_job_failed") onOther(event, e);
 }
 
 // /metrics-derived figures and the caller's sessions, polled while the dashboard shows.
