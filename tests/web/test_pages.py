@@ -110,8 +110,12 @@ def test_dashboard_lists_the_session_and_charts_draw(
 
 
 def test_memory_view_draws_levels(page: Any, gateway: Gateway, console: Console) -> None:
-    page.goto(gateway.url + "/#memory")
+    page.goto(gateway.url + "/#dashboard")
+    page.wait_for_function("window.bwr && window.bwr.state.wsUp")
+    sid = page.evaluate("window.bwr.state.session.id")
+    page.click(f"#sessions tr[data-session='{sid}'] a")  # the session's link to its memory
     page.wait_for_selector("#levels .level .slot.full")
+    assert page.text_content("#mem-session") == sid
     assert page.locator("#levels .level").count() >= 1
     assert int(page.text_content("#mem-context") or 0) >= len(LONG_INPUT)
     screenshot(page, "memory")

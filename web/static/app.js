@@ -50,7 +50,7 @@ function needKey() {
 // ----- views -----
 
 function showView() {
-  const name = (location.hash || "#chat").slice(1);
+  const name = (location.hash || "#chat").slice(1).split("/")[0];
   for (const v of ["chat", "dashboard", "memory"]) {
     $("view-" + v).hidden = v !== name;
     document.querySelector(`nav a[data-view="${v}"]`).classList.toggle("active", v === name);
@@ -212,24 +212,34 @@ function levelsLabel(levels) {
 function showLevels(levels, version) {
   state.levels = levels || [];
   $("memory-levels").textContent = levelsLabel(state.levels) + " (v" + version + ")";
-  drawLevels(state.levels, version);
+  if (state.session && memoryTarget() === state.session.id) drawLevels(state.levels, version);
+}
+
+// The memory view shows #memory/ID (any session of this owner) or else the chat's session.
+function memoryTarget() {
+  const [view, id] = location.hash.slice(1).split("/");
+  return view === "memory" && id ? decodeURIComponent(id) : state.session && state.session.id;
 }
 
 async function refreshMemory() {
-  if (!state.session || state.needKey) return;
+  const sid = memoryTarget();
+  if (!sid || state.needKey) return;
+  const own = state.session && sid === state.session.id;
   try {
-    const m = await getJSON(`/v1/sessions/${state.session.id}/memory`);
+    const m = await getJSON(`/v1/sessions/${encodeURIComponent(sid)}/memory`, own);
+    if (sid !== memoryTarget()) return; // the view moved on meanwhile
     $("mem-session").textContent = m.session;
     $("mem-context").textContent = m.context_bytes;
     $("mem-state").textContent = m.state_bytes;
     $("mem-bytes").textContent = m.memory_bytes || m.nbytes || 0;
     $("mem-version").textContent = m.version;
-    $("context-bytes").textContent = m.context_bytes;
+    if (own) $("context-bytes").textContent = m.context_bytes;
     $("mem-note").textContent = m.memory === "off"
       ? "Memory is off in this gateway: the session keeps only its recurrent state."
       : `${m.slots || 0} of ${m.max_slots || 0} slots hold ${m.bytes_covered || 0} bytes of context` +
         (m.pending_jobs ? ` · ${m.pending_jobs} consolidation jobs pending` : "");
-    if (m.levels && m.levels.length) showLevels(m.levels, m.version);
+    if (!own) drawLevels(m.levels || [], m.version);
+    else if (m.levels && m.levels.length) showLevels(m.levels, m.version);
     else drawLevels(state.levels, m.version);
   } catch (e) {
     // the session may be gone or the gateway restarting: the next frame or refresh retries
@@ -423,12 +433,10 @@ async function refreshSessions() {
         tr.appendChild(td);
       }
       const td = document.createElement("td");
-      if (state.session && s.session === state.session.id) {
-        const a = document.createElement("a");
-        a.href = "#memory";
-        a.textContent = "memory";
-        td.appendChild(a);
-      }
+      const a = document.createElement("a");
+      a.href = "#memory/" + encodeURIComponent(s.session);
+      a.textContent = "memory";
+      td.appendChild(a);
       tr.appendChild(td);
       body.appendChild(tr);
     });
