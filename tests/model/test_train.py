@@ -113,7 +113,7 @@ def test_bwr_train_writes_a_loadable_checkpoint(
 
 def test_bwr_train_needs_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert bwr(["train", "--out", str(tmp_path / "x")]) == 2
-    assert "--text FILE is required" in capsys.readouterr().err
+    assert "give --text FILE --out DIR, or --nats-url URL" in capsys.readouterr().err
 
 
 def test_bwr_model_info(capsys: pytest.CaptureFixture[str]) -> None:
