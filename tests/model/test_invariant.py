@@ -306,8 +306,12 @@ def test_filter_has_no_length_limit(seed: int, order: int, length: int) -> None:
         for _ in range(4 * length):
             response.append((r_re * s_re - r_im * s_im).sum(-1))
             s_re, s_im = l_re * s_re - l_im * s_im, l_re * s_im + l_im * s_re
+        # Repeated float32 multiplication drifts by about one rounding per step: the bound grows
+        # with the number of steps (the materialised powers are formed in float64).
         scale = h4.abs().max().item()
-        assert max_diff(torch.stack(response, -1), h4) <= 1e-4 * max(1.0, scale)
+        steps = 4 * length
+        bound = max(1e-4, 2 * steps * torch.finfo(torch.float32).eps)
+        assert max_diff(torch.stack(response, -1), h4) <= bound * max(1.0, scale)
 
 
 def test_hyena_state_does_not_depend_on_where_the_chunks_fall() -> None:
