@@ -136,7 +136,7 @@ def build_parser() -> argparse.ArgumentParser:
     p.add_argument("--parallel-batch", type=int, default=1, help="rows for forward and prefill")
     p.add_argument("--steps", type=int, default=32, help="recurrent steps per timed run")
     p.add_argument("--warmup", type=int, default=1, help="untimed runs before timing")
-    p.add_argument("--repeats", type=int, default=5, help="timed runs; the median is reported")
+    p.add_argument("--repeats", type=int, default=7, help="timed runs; the median is reported")
     p.add_argument("--json", type=Path, help="write the results here")
     return p
 

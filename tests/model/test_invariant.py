@@ -358,10 +358,13 @@ def test_stepping_far_past_training_length(seed: int) -> None:
     assert all(torch.isfinite(v).all() for v in state.values())
     with torch.no_grad():
         parallel = model(tokens)
-    # FFT over 2T points in float32: error grows slowly with T, still far below a logit's scale.
-    assert max_diff(parallel, logits) <= 1e-3
+    # Over 2000 bytes both forms drift from exact arithmetic by float32 rounding that grows with
+    # T (the FFT over 2T points; one rounding per step in the recurrence, on modal states of tens):
+    # the forms end up a few 1e-4 apart, still far below a logit's scale.
+    long_tol = 1e-3
+    assert max_diff(parallel, logits) <= long_tol
     pre = model.allocate_state(2)
     last = model.prefill(tokens, pre)
-    assert max_diff(last, logits[:, -1]) <= TOL
-    assert_states_close(pre, state)
+    assert max_diff(last, logits[:, -1]) <= long_tol
+    assert_states_close(pre, state, tol=long_tol)
     assert not math.isclose(logits[:, -1].std().item(), 0.0)
