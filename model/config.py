@@ -94,6 +94,8 @@ class ModelConfig:
         return a == b
 
     def replace(self, **changes: Any) -> ModelConfig:
+        if "layout" in changes and "capture_layer" not in changes:
+            changes["capture_layer"] = -1  # derived from the layout: derive it again
         return dataclasses.replace(self, **changes)
 
     @classmethod

@@ -192,3 +192,11 @@ def test_weights_of_another_order(saved: tuple[ByteLM, Path]) -> None:
 
 def test_checkpoint_error_is_a_value_error() -> None:
     assert issubclass(CheckpointError, ValueError)
+
+
+def test_replacing_the_layout_derives_the_capture_block_again() -> None:
+    from model import ModelConfig
+
+    assert ModelConfig.named("tiny").replace(layout="H").capture_layer == 0
+    assert ModelConfig.named("tiny").replace(layout="HDDR").capture_layer == 2
+    assert ModelConfig.named("tiny").replace(layout="HDDR", capture_layer=1).capture_layer == 1
