@@ -208,6 +208,12 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upp.set_defaults(func=_up)
 
+    ev = sub.add_parser("eval", help="long-context evals through the engine (table and JSON)")
+    from model.evals.args import add_arguments as add_eval_arguments
+
+    add_eval_arguments(ev)
+    ev.set_defaults(func=_eval)
+
     ch = sub.add_parser("chat", help="stream a session in the terminal")
     ch.add_argument(
         "--url",
@@ -267,6 +273,12 @@ def _chat(args: argparse.Namespace) -> int:
 
 def _bench_gateway(args: argparse.Namespace) -> int:
     from benchmarks.gateway_bench import run
+
+    return run(args)
+
+
+def _eval(args: argparse.Namespace) -> int:
+    from model.evals.run import run
 
     return run(args)
 

@@ -1,0 +1,21 @@
+"""args.py: the `bwr eval` flags, apart from the runner so the CLI parser imports no torch."""
+
+from __future__ import annotations
+
+import argparse
+
+from model.evals.tasks import TASKS
+
+
+def add_arguments(p: argparse.ArgumentParser) -> None:
+    p.add_argument("task", choices=sorted(TASKS))
+    p.add_argument("--model", default="tiny", help="checkpoint directory or a named config")
+    p.add_argument("--lengths", default="4k", help="comma-separated prompt bytes: 4k,64k,1m")
+    p.add_argument("--depths", default="0.1,0.5,0.9", help="comma-separated fractions")
+    p.add_argument("--n", type=int, default=10, help="cases per (length, depth)")
+    p.add_argument("--seed", type=int, default=0)
+    p.add_argument("--device", default="cpu")
+    p.add_argument("--json", default=None, help="write the results here")
+    p.add_argument(
+        "--no-memory", action="store_true", help="memory read off (this runner always is: no NATS)"
+    )
