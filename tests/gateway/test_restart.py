@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import asyncio
 import signal
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -19,12 +18,6 @@ from tests.nats_server import NatsServer
 
 KEY = "restart-secret"
 pytestmark = pytest.mark.slow
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path / "nats") as server:
-        yield server
 
 
 async def _snapshot_taken(url: str, sid: str, context_bytes: int) -> None:

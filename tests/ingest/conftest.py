@@ -12,19 +12,12 @@ import torch
 
 from memory.config import MemoryConfig
 from model import ByteLM, ModelConfig
-from tests.nats_server import NatsServer
 
 MICRO = ModelConfig(
     d_model=32, layout="HRD", filter_order=4, filter_features=8, filter_hidden=16,
     delta_heads=2, read_heads=2, read_topk=4, segment_len=32, mem_slots=2, compress_heads=2,
     delta_chunk=16, prefill_chunk=256, name="micro",
 )  # fmt: skip
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path / "nats") as server:
-        yield server
 
 
 @pytest.fixture(autouse=True)

@@ -4,20 +4,12 @@ thread (the tiny compressor is fastest single-threaded, and workers run it from 
 from __future__ import annotations
 
 from collections.abc import Iterator
-from pathlib import Path
 
 import pytest
 import torch
 
 from memory.config import MemoryConfig
 from model import ByteLM, ModelConfig
-from tests.nats_server import NatsServer
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path) as server:
-        yield server
 
 
 @pytest.fixture

@@ -12,17 +12,10 @@ import torch
 
 from model import ByteLM
 from tests.ingest.conftest import MICRO
-from tests.nats_server import NatsServer
 
 ROOT = Path(__file__).parent.parent.parent
 TEXT = ROOT / "tests" / "data" / "english.txt"
 PYTHON = sys.executable
-
-
-@pytest.fixture
-def nats_server(tmp_path: Path) -> Iterator[NatsServer]:
-    with NatsServer(tmp_path / "nats") as server:
-        yield server
 
 
 @pytest.fixture(autouse=True)
