@@ -19,7 +19,7 @@ from engine import EngineError
 from gateway.metrics import CONTENT_TYPE, exposition
 from gateway.openapi import document
 from gateway.protocol import ErrorCode, ProtocolError, check_name, decode_create, to_params
-from gateway.sessions import Unauthorized
+from gateway.sessions import Entry, Unauthorized
 
 if TYPE_CHECKING:
     from gateway.app import Gateway
@@ -195,25 +195,29 @@ async def list_sessions(request: Request) -> Response:
     return JSON({"sessions": gateway(request).registry.listing(owner(request))})
 
 
-async def get_session(request: Request) -> Response:
-    gw = gateway(request)
+def _entry(request: Request) -> Entry | Response:
+    """The session named in the path, for its token or its owner; else the error response."""
     try:
-        entry = gw.registry.lookup(
+        return gateway(request).registry.lookup(
             request.path_params["sid"], session_token(request), owner(request)
         )
     except EngineError as e:
         return fail_engine(request, e)
+
+
+async def get_session(request: Request) -> Response:
+    gw = gateway(request)
+    entry = _entry(request)
+    if isinstance(entry, Response):
+        return entry
     return JSON({**entry.describe(), "memory_version": gw.engine.memory_versions.get(entry.id, 0)})
 
 
 async def delete_session(request: Request) -> Response:
     gw = gateway(request)
-    try:
-        entry = gw.registry.lookup(
-            request.path_params["sid"], session_token(request), owner(request)
-        )
-    except EngineError as e:
-        return fail_engine(request, e)
+    entry = _entry(request)
+    if isinstance(entry, Response):
+        return entry
     context = entry.session.context_bytes
     await gw.registry.close(entry, "deleted")
     return JSON({"session": entry.id, "closed": True, "context_bytes": context})
@@ -222,12 +226,9 @@ async def delete_session(request: Request) -> Response:
 async def session_memory(request: Request) -> Response:
     """State bytes (fixed per session) plus memory bytes; levels from the memory inspector."""
     gw = gateway(request)
-    try:
-        entry = gw.registry.lookup(
-            request.path_params["sid"], session_token(request), owner(request)
-        )
-    except EngineError as e:
-        return fail_engine(request, e)
+    entry = _entry(request)
+    if isinstance(entry, Response):
+        return entry
     state_bytes = gw.model.state_bytes_per_row()
     out: dict[str, Any] = {
         "session": entry.id,
