@@ -27,12 +27,15 @@ def _mix32(x: Tensor) -> Tensor:
 
 
 def uniform_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
-    """(n,) seeds and counters -> (n, V) uniforms in (0, 1), a pure function of its inputs."""
+    """(n,) seeds and counters -> (n, V) uniforms in (0, 1), a pure function of its inputs.
+
+    The top 23 bits make the uniform, so every value is exact in float32 and never rounds to 0
+    or 1 (a 1 would make an infinite Gumbel and turn a masked -inf logit into NaN)."""
     v = torch.arange(vocab, device=seed.device, dtype=torch.int64)
     h = _mix32((seed & _M32) ^ 0x9E3779B9)
     h = _mix32((h + (counter & _M32) * 0x632BE5AB) & _M32)
     h = _mix32((h.unsqueeze(-1) ^ ((v * 0x27D4EB2F) & _M32)) & _M32)  # (n, V)
-    return (h.double() + 0.5).div(2.0**32).float()
+    return ((h >> 9).float() + 0.5) * (1.0 / 2.0**23)
 
 
 def sample(
@@ -55,5 +58,5 @@ def sample(
     srt = srt.masked_fill(~keep, float("-inf"))
     x = torch.full_like(x, float("-inf")).scatter(-1, idx, srt)
     gumbel = -torch.log(-torch.log(uniform_noise(seed, counter, x.shape[-1])))
-    choice = (x + gumbel).argmax(-1)
+    choice = (x + gumbel).masked_fill(x == float("-inf"), float("-inf")).argmax(-1)
     return torch.where(greedy, logits.argmax(-1), choice)
