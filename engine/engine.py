@@ -289,6 +289,18 @@ class Engine:
             self._serve_snapshots()
         return await fut
 
+    async def last_read(self, sid: str) -> dict[str, object] | None:
+        """Which memory slots the session's last decoded byte read (see Runner.last_read); None
+        when memory is off. Read on the step thread, so never in the middle of a step."""
+        self.get(sid)
+        seq = self.scheduler.seqs.get(sid)
+        if seq is None:
+            return None
+        if not self.config.threaded_steps:
+            return self.runner.last_read(seq.slot)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.runner.last_read, seq.slot)
+
     def _serve_snapshots(self) -> None:
         for sid, fut in self._snapshot_waiters:
             seq = self.scheduler.seqs.get(sid)

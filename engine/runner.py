@@ -70,6 +70,17 @@ class Runner:
                     torch.zeros(rows, M + 1, dtype=torch.bool, device=dev),
                 )
         self.kv_segment = [-1] * rows  # segment whose ages each slot's keys/values hold (-1: stale)
+        # What each slot's last decoded byte read: per read block and head, the memory slots it
+        # picked (-1: the null slot), and the context offset of that byte (-1: none yet). Written
+        # inside the decode step (graph-safe), read only by the inspector.
+        self.picks: Tensor | None = None
+        self.picks_at = torch.full((rows,), -1, dtype=torch.long, device=dev)
+        if M and self.reads:
+            read = next(iter(self.reads.values()))
+            k = min(read.topk, M + 1)
+            self.picks = torch.full(
+                (rows, len(self.reads), read.heads, k), -1, dtype=torch.long, device=dev
+            )
         self.capture = capture_segments
         self.seg_buf = (
             torch.zeros(rows, self.S, mc.d_model, device=dev) if capture_segments else None
@@ -100,6 +111,9 @@ class Runner:
         if self.memory is not None:
             self.memory.mask[slot] = False
             self.kv_segment[slot] = -1
+        if self.picks is not None:
+            self.picks[slot] = -1
+            self.picks_at[slot] = -1
         if self.seg_buf is not None:
             self.seg_buf[slot].zero_()
 
@@ -165,10 +179,21 @@ class Runner:
             if self.mem_kv
             else None
         )
+        picks: dict[int, Tensor] | None = {} if self.picks is not None else None
         logits, hidden = self.model.step(
-            tokens, self.state, slots, None, return_hidden=True, cache=self.cache, memory_kv=kv
+            tokens,
+            self.state,
+            slots,
+            None,
+            return_hidden=True,
+            cache=self.cache,
+            memory_kv=kv,
+            picks=picks,
         )
         self.logits.index_copy_(0, slots, logits)
+        if self.picks is not None and picks:
+            self.picks.index_copy_(0, slots, torch.stack([picks[i] for i in self.reads], 1))
+            self.picks_at.index_copy_(0, slots, pos)
         if self.seg_buf is not None:
             self.seg_buf[slots, pos % self.S] = hidden
         out = sample(
@@ -276,6 +301,40 @@ class Runner:
                     ClosedSegment(slot, end // self.S - 1, end - self.S, self.seg_buf[slot].clone())
                 )
         return closed
+
+    def last_read(self, slot: int) -> dict[str, object] | None:
+        """What the slot's last decoded byte read, in the inspector's terms: every head of every
+        read block picks its top k slots; per memory slot picked, its level, its place in the
+        level counted from the newest slot (0), and how many heads picked it; and how many heads
+        picked the null slot.
+        Picks of empty slots (top-k wider than the memory) weigh nothing and are left out.
+        None when memory is off."""
+        if self.picks is None or self.memory is None:
+            return None
+        at = int(self.picks_at[slot])
+        blocks, heads, k = self.picks.shape[1:]
+        out: dict[str, object] = {"at": at, "heads": blocks * heads, "k": k, "null": 0, "slots": []}
+        if at < 0:
+            return out
+        level = self.memory.level[slot].tolist()
+        valid = self.memory.mask[slot].tolist()
+        first: dict[int, int] = {}
+        for j, (lv, ok) in enumerate(zip(level, valid, strict=True)):
+            if ok:
+                first.setdefault(lv, j)  # read order: level by level, newest slot first
+        hits: dict[tuple[int, int], int] = {}
+        null = 0
+        for j in self.picks[slot].flatten().tolist():
+            if j < 0:
+                null += 1
+            elif valid[j]:
+                key = (level[j], j - first[level[j]])
+                hits[key] = hits.get(key, 0) + 1
+        out["null"] = null
+        out["slots"] = [
+            {"level": lv, "from_newest": r, "heads": c} for (lv, r), c in sorted(hits.items())
+        ]
+        return out
 
     # ----- weights -----
 

@@ -355,6 +355,7 @@ def routes() -> list[BaseRoute]:
         Route("/metrics", http.metrics),
         Route("/openapi.json", http.openapi),
         Route("/v1/info", http.info),
+        Route("/v1/training", http.training, methods=["GET"]),
         Route("/v1/sessions", http.create_session, methods=["POST"]),
         Route("/v1/sessions", http.list_sessions, methods=["GET"]),
         Route("/v1/sessions/{sid}", http.get_session, methods=["GET"]),

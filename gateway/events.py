@@ -1,5 +1,7 @@
 """events.py publishes the gateway's events to NATS, best effort: `events.session` (opened,
-attached, detached, closed) and `events.engine` (a throughput summary every interval).
+attached, detached, closed) and `events.engine` (a throughput summary every interval). It also
+keeps the last TRAIN_HISTORY `events.train` reports of a trainer on the bus (step, loss, bytes/s),
+so a dashboard opened mid-run draws the loss curve from its start.
 
 NATS is optional for serving: publishing never blocks a request (a bounded queue; when it is full
 events are dropped and counted), a lost server is retried forever in the background, and
@@ -12,6 +14,7 @@ from __future__ import annotations
 import asyncio
 import logging
 import time
+from collections import deque
 from collections.abc import Callable
 from typing import Any
 
@@ -23,6 +26,7 @@ from nats.aio.client import Client as NATS
 log = logging.getLogger("bwr.events")
 
 EVENTS_PREFIX = "events"  # the same prefix as memory/bus.py's dashboard feed
+TRAIN_HISTORY = 2048  # training reports kept for GET /v1/training
 
 
 class EventBus:
@@ -35,6 +39,7 @@ class EventBus:
         self.dropped = 0
         self.failed = 0
         self.reconnects = 0
+        self.training: deque[dict[str, Any]] = deque(maxlen=TRAIN_HISTORY)
         self._closing = False
 
     @property
@@ -73,6 +78,7 @@ class EventBus:
                     reconnected_cb=self._on_reconnect,
                 )
                 log.info("events: connected to %s", self.url)
+                await self.nc.subscribe(f"{EVENTS_PREFIX}.train", cb=self._on_train)
                 return
             except Exception as e:  # any failure to reach the server: try again later
                 log.warning(
@@ -118,6 +124,15 @@ class EventBus:
                 await nc.close()
             except Exception as e:
                 log.debug("events: close failed: %s", e)
+
+    async def _on_train(self, msg: Any) -> None:
+        """Keep a trainer's report (a JSON object with a numeric step); ignore anything else."""
+        try:
+            report = orjson.loads(msg.data)
+        except orjson.JSONDecodeError:
+            return
+        if isinstance(report, dict) and isinstance(report.get("step"), int):
+            self.training.append(report)
 
     async def _on_error(self, e: Exception) -> None:
         log.debug("events: NATS error: %s", e)

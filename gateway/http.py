@@ -8,6 +8,7 @@ protocol. http.py never streams (ws.py and openai.py do) and never reads the env
 
 from __future__ import annotations
 
+import contextlib
 import time
 from typing import TYPE_CHECKING, Any
 
@@ -15,7 +16,7 @@ import orjson
 from starlette.requests import ClientDisconnect, Request
 from starlette.responses import Response
 
-from engine import EngineError
+from engine import EngineError, UnknownSession
 from gateway.metrics import CONTENT_TYPE, exposition
 from gateway.openapi import document
 from gateway.protocol import ErrorCode, ProtocolError, check_name, decode_create, to_params
@@ -148,6 +149,18 @@ async def info(request: Request) -> Response:
     )
 
 
+async def training(request: Request) -> Response:
+    """The trainer's recent reports on the bus (`events.train`: step, loss, bytes/s, ...), oldest
+    first, for a loss curve; `[]` without a bus or a trainer. `?since=STEP` keeps later steps."""
+    gw = gateway(request)
+    try:
+        since = int(request.query_params.get("since", "-1"))
+    except ValueError:
+        return fail(request, ErrorCode.INVALID_FRAME.value, "since must be an integer step")
+    reports = [] if gw.events is None else [r for r in gw.events.training if r["step"] > since]
+    return JSON({"reports": reports, "weights_version": gw.engine.metrics.weights_version})
+
+
 # ----- sessions -----
 
 
@@ -246,6 +259,9 @@ async def session_memory(request: Request) -> Response:
             out["memory_error"] = f"{type(e).__name__}: {e}"[:300]
         else:
             out.update({k: v for k, v in detail.items() if k != "session"})
+    if out["memory"] == "on":
+        with contextlib.suppress(UnknownSession):  # closed since the lookup: no last read
+            out["last_read"] = await gw.engine.last_read(entry.id)
     memory_bytes = out.get("memory_bytes", 0)
     out["total_bytes"] = state_bytes + (memory_bytes if isinstance(memory_bytes, int) else 0)
     return JSON(out)

@@ -210,6 +210,22 @@ def document(version: str) -> Schema:
                     401,
                 )
             },
+            "/v1/training": {
+                "get": _op(
+                    "The trainer's recent reports from events.train (step, loss, bytes/s), oldest "
+                    "first; ?since=STEP for later ones",
+                    _json(
+                        _obj(
+                            {
+                                "reports": {"type": "array", "items": {"type": "object"}},
+                                "weights_version": INT,
+                            }
+                        )
+                    ),
+                    400,
+                    401,
+                )
+            },
             "/v1/sessions": {
                 "post": _op(
                     "Create a session (detached until a WebSocket attaches) -> its id and token",
@@ -262,6 +278,15 @@ def document(version: str) -> Schema:
                                 "total_bytes": INT,
                                 "levels": {"type": "array", "items": {"type": "object"}},
                                 "version": INT,
+                                "last_read": _obj(
+                                    {
+                                        "at": INT,
+                                        "heads": INT,
+                                        "k": INT,
+                                        "null": INT,
+                                        "slots": {"type": "array", "items": {"type": "object"}},
+                                    }
+                                ),
                             }
                         )
                     ),

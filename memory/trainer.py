@@ -38,6 +38,7 @@ from typing import IO, Any, TypeVar
 
 import anyio
 import nats.errors
+import orjson
 import torch
 from nats.aio.msg import Msg
 from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
@@ -247,24 +248,40 @@ class NatsTrainer:
         self._log({"ev": "step", "step": step, "docs": [[h.doc, h.chunk] for h in finished]})
         if step % self.loop.cfg.log_every == 0:
             loss = await self._torch(self.loop.mean_over_ranks, loss)
-            self._report(step, loss, stage)
+            report = self._report(step, loss, stage)
+            if self.dist.is_main:  # the dashboard's loss curve: best effort, never blocks a step
+                with contextlib.suppress(Exception):
+                    await self.bus.publish_event("train", orjson.dumps(report))
         return True
 
-    def _report(self, step: int, loss: float, stage: Stage) -> None:
+    def _report(self, step: int, loss: float, stage: Stage) -> dict[str, Any]:
+        """Print the progress line (rank 0) -> the same figures for `events.train`."""
         now = time.perf_counter()
         t, b = self._mark
         rate = (self.loop.bytes - b) / max(now - t, 1e-9)
         self._mark = (now, self.loop.bytes)
-        if self.progress is None:
-            return
         mfu = self.loop.mfu(rate)
-        line = (
-            f"step {step:>7}  loss {loss:.4f}  lr {self.loop.lr():.2e}  {rate:>12,.0f} B/s"
-            + (f"  MFU {100 * mfu:4.1f}%" if mfu else "")
-            + f"  seq {stage.seq_len}x{stage.segments}  held {len(self.held)}"
-            + f"  ckpt v{self.version}"
-        )
-        print(line, file=self.progress, flush=True)
+        report: dict[str, Any] = {
+            "ts": time.time(),
+            "step": step,
+            "loss": loss,
+            "lr": self.loop.lr(),
+            "bytes_per_s": rate,
+            "mfu": mfu,
+            "seq_len": stage.seq_len,
+            "segments": stage.segments,
+            "held": len(self.held),
+            "weights_version": self.version,
+        }
+        if self.progress is not None:
+            line = (
+                f"step {step:>7}  loss {loss:.4f}  lr {self.loop.lr():.2e}  {rate:>12,.0f} B/s"
+                + (f"  MFU {100 * mfu:4.1f}%" if mfu else "")
+                + f"  seq {stage.seq_len}x{stage.segments}  held {len(self.held)}"
+                + f"  ckpt v{self.version}"
+            )
+            print(line, file=self.progress, flush=True)
+        return report
 
     # ----- checkpoints and acks -----
 

@@ -46,3 +46,49 @@ def test_cached_memory_kv_matches_direct_reads() -> None:
         with torch.no_grad():
             want = model.step(torch.tensor([tok]), ref_state, memory=direct)
         assert torch.allclose(runner.logits[slot], want[0], atol=1e-5), pos
+
+
+def test_last_read_reports_the_slots_the_step_picked() -> None:
+    """Runner.last_read names the slots the decode step's top-k picked, as (level, place from the
+    level's newest slot), matching a direct read of the same memory; memory slots installed in
+    read order (level 1 newest first, then level 2)."""
+    torch.manual_seed(3)
+    cfg = ModelConfig.named("tiny").replace(segment_len=8, read_topk=3)
+    model = ByteLM(cfg).eval()
+    M = 8
+    runner = Runner(model, EngineConfig(max_slots=2, memory_capacity=M))
+    slot = 0
+    assert runner.last_read(slot) == {
+        "at": -1,
+        "heads": runner.picks.shape[1] * cfg.read_heads,
+        "k": 3,
+        "null": 0,
+        "slots": [],
+    }
+    level = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 1]])  # the last one is not valid
+    mask = torch.tensor([[True] * 7 + [False]])
+    mem = MemorySlots(
+        torch.randn(1, M, cfg.d_model), level, torch.zeros(1, M, dtype=torch.long), mask
+    )
+    written = torch.zeros(M, dtype=torch.long)
+    runner.install_memory(slot, mem, written)
+    runner.execute(StepPlan((), (Feed("s", slot, b"x", 5, False),), (), ()))
+    picks: dict[int, torch.Tensor] = {}
+    with torch.no_grad():
+        direct = MemorySlots(mem.slots, level, torch.zeros_like(level), mask)
+        model.step(torch.tensor([ord("x")]), model.allocate_state(1), memory=direct, picks=picks)
+    want: dict[tuple[int, int], int] = {}
+    null = 0
+    for j in torch.cat([p.flatten() for p in picks.values()]).tolist():
+        if j < 0:
+            null += 1
+        elif j < 3:
+            want[(1, j)] = want.get((1, j), 0) + 1
+        else:
+            want[(2, j - 3)] = want.get((2, j - 3), 0) + 1
+    got = runner.last_read(slot)
+    assert got is not None and got["at"] == 5 and got["null"] == null
+    assert {(s["level"], s["from_newest"]): s["heads"] for s in got["slots"]} == want
+    assert sum(want.values()) + null == len(picks) * cfg.read_heads * 3
+    runner.reset_slot(slot)
+    assert runner.last_read(slot)["at"] == -1

@@ -44,6 +44,7 @@ class Gateway:
 
     root: Path
     port: int
+    args: tuple[str, ...] = ()  # more `bwr up` flags
     up: Up | None = None
 
     @property
@@ -51,7 +52,7 @@ class Gateway:
         return f"http://127.0.0.1:{self.port}"
 
     def start(self) -> None:
-        self.up = start_up(self.root, "--port", str(self.port))
+        self.up = start_up(self.root, "--port", str(self.port), *self.args)
 
     def stop(self) -> None:
         if self.up is not None:

@@ -41,7 +41,8 @@ def test_page_asks_for_the_key_then_works(page: Any, locked: Running, console: C
         "() => [...document.querySelectorAll('.turn-out')].pop().dataset.done === '1'"
     )
     page.wait_for_function(
-        "() => Object.values(window.bwr.charts).every(c => c.plot.data[0].length >= 2)"
+        "() => ['chart-throughput', 'chart-latency', 'chart-queue']"
+        ".every(id => window.bwr.charts[id].plot.data[0].length >= 2)"
     )
     assert page.evaluate("localStorage.getItem('bwr.apiKey')") == KEY
     assert console.errors == []

@@ -21,6 +21,9 @@ FRAMES_OR_DONE = """n => { const o = [...document.querySelectorAll('.turn-out')]
     return o && (Number(o.dataset.frames) >= n || o.dataset.done === '1'); }"""
 CLICK_CANCEL = """() => { const b = document.getElementById('cancel');
     if (b.disabled) return false; b.click(); return true; }"""
+ENGINE_CHARTS = (  # the charts fed by the engine summary (every second)
+    "['chart-throughput', 'chart-latency', 'chart-queue'].map(id => window.bwr.charts[id])"
+)
 LAST_DONE = "() => [...document.querySelectorAll('.turn-out')].pop().dataset.done === '1'"
 
 
@@ -93,11 +96,11 @@ def test_dashboard_lists_the_session_and_charts_draw(
     )
     assert row is not None
     # the feed sends a summary every second: each uPlot instance holds several points
-    page.wait_for_function(
-        "() => Object.values(window.bwr.charts).every(c => c.plot.data[0].length >= 3)"
-    )
-    lengths = page.evaluate("Object.values(window.bwr.charts).map(c => c.plot.data[0].length)")
+    page.wait_for_function(f"() => {ENGINE_CHARTS}.every(c => c.plot.data[0].length >= 3)")
+    lengths = page.evaluate(f"{ENGINE_CHARTS}.map(c => c.plot.data[0].length)")
     assert len(lengths) == 3 and min(lengths) >= 3
+    # no trainer on this gateway: the loss chart stays empty (test_training.py draws it)
+    assert page.evaluate("window.bwr.charts['chart-loss'].plot.data[0].length") == 0
     # a turn shows up in the throughput chart without a reload
     page.evaluate("window.bwr.state.ws.send(JSON.stringify({type:'input',text:'Hi',max_bytes:64}))")
     page.wait_for_function(
@@ -110,6 +113,10 @@ def test_dashboard_lists_the_session_and_charts_draw(
 
 
 def test_memory_view_draws_levels(page: Any, gateway: Gateway, console: Console) -> None:
+    # the session has memory levels (the chat test): a short turn now decodes while reading them
+    open_chat(page, gateway)
+    send(page, "And then", 16)
+    page.wait_for_function(LAST_DONE)
     page.goto(gateway.url + "/#dashboard")
     page.wait_for_function("window.bwr && window.bwr.state.wsUp")
     sid = page.evaluate("window.bwr.state.session.id")
@@ -118,6 +125,12 @@ def test_memory_view_draws_levels(page: Any, gateway: Gateway, console: Console)
     assert page.text_content("#mem-session") == sid
     assert page.locator("#levels .level").count() >= 1
     assert int(page.text_content("#mem-context") or 0) >= len(LONG_INPUT)
+    # which slots the last read picked: outlined, and counted in the line above the levels
+    last = page.evaluate("window.bwr.state.lastRead")
+    assert last["at"] >= len(LONG_INPUT) and last["heads"] > 0, last
+    assert sum(s["heads"] for s in last["slots"]) > 0, last  # top-k: more than the null slot
+    assert page.locator("#levels .slot.full.picked").count() == len(last["slots"])
+    assert f"at byte {last['at']}" in (page.text_content("#mem-read") or "")
     screenshot(page, "memory")
     assert console.errors == []
 

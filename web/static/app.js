@@ -5,6 +5,7 @@
 
 const $ = (id) => document.getElementById(id);
 const HISTORY = 120; // points kept per chart (two minutes at one summary per second)
+const TRAIN_HISTORY = 2048; // loss points kept (the gateway keeps as many reports)
 const STORE = { key: "bwr.apiKey", session: "bwr.session" };
 
 const state = {
@@ -17,6 +18,8 @@ const state = {
   frames: 0, // delta frames of the current turn
   retry: 500, // ms before the next reconnect (doubles up to 5 s)
   levels: [],
+  lastRead: null, // which memory slots the last decoded byte read (GET .../memory)
+  trainStep: -1, // the last training step drawn
   needKey: false, // the gateway answered 401: wait for a key before asking again
 };
 
@@ -238,6 +241,8 @@ async function refreshMemory() {
       ? "Memory is off in this gateway: the session keeps only its recurrent state."
       : `${m.slots || 0} of ${m.max_slots || 0} slots hold ${m.bytes_covered || 0} bytes of context` +
         (m.pending_jobs ? ` · ${m.pending_jobs} consolidation jobs pending` : "");
+    state.lastRead = m.last_read || null;
+    showLastRead(state.lastRead);
     if (!own) drawLevels(m.levels || [], m.version);
     else if (m.levels && m.levels.length) showLevels(m.levels, m.version);
     else drawLevels(state.levels, m.version);
@@ -246,10 +251,35 @@ async function refreshMemory() {
   }
 }
 
+function showLastRead(r) {
+  const el = $("mem-read");
+  if (!r || r.at < 0) {
+    el.textContent = r ? "No byte has read memory yet." : "";
+    return;
+  }
+  const picked = r.slots.reduce((n, s) => n + s.heads, 0);
+  el.textContent = `Last read at byte ${r.at}: ${r.heads} heads took their top ${r.k} each; ` +
+    `${picked} picks fell on ${r.slots.length} memory slots (outlined), ${r.null} on the null slot.`;
+}
+
+// Per level, index from the oldest slot -> heads that picked it in the last read.
+function pickedSlots(levels) {
+  const out = new Map();
+  const r = state.lastRead;
+  if (!r || r.at < 0) return out;
+  for (const p of r.slots) {
+    const l = levels.find((x) => x.level === p.level);
+    if (!l) continue;
+    out.set(`${p.level}:${l.slots - 1 - p.from_newest}`, p.heads);
+  }
+  return out;
+}
+
 function drawLevels(levels, version) {
   const root = $("levels");
   root.textContent = "";
   const ctx = Number($("mem-context").textContent) || 1;
+  const picked = pickedSlots(levels);
   for (const l of levels) {
     const box = document.createElement("div");
     box.className = "level";
@@ -263,8 +293,10 @@ function drawLevels(levels, version) {
     const cap = Math.max(l.capacity || l.slots, l.slots);
     for (let i = 0; i < cap; i++) {
       const s = document.createElement("div");
-      s.className = "slot" + (i < l.slots ? " full" : "");
-      s.title = i < l.slots ? `slot ${i}: about ${Math.round((l.bytes_covered || 0) / l.slots)} bytes` : "empty";
+      const heads = picked.get(`${l.level}:${i}`);
+      s.className = "slot" + (i < l.slots ? " full" : "") + (heads ? " picked" : "");
+      s.title = i < l.slots ? `slot ${i}: about ${Math.round((l.bytes_covered || 0) / l.slots)} bytes` +
+        (heads ? ` · read by ${heads} heads in the last read` : "") : "empty";
       slots.appendChild(s);
     }
     box.appendChild(slots);
@@ -292,18 +324,19 @@ function drawLevels(levels, version) {
 
 const charts = {};
 
-function makeChart(id, series) {
+// x is time (seconds) unless time is false (then x is e.g. the training step)
+function makeChart(id, series, { time = true, limit = HISTORY } = {}) {
   const el = $(id);
   const data = [[], ...series.map(() => [])];
   const opts = {
     width: Math.max(el.clientWidth || 320, 240),
     height: 180,
     legend: { show: true },
-    scales: { x: { time: true } },
+    scales: { x: { time } },
     series: [{}, ...series.map(([label, stroke]) => ({ label, stroke, width: 1.5 }))],
     axes: [{}, { size: 50 }],
   };
-  charts[id] = { plot: new uPlot(opts, data, el), data };
+  charts[id] = { plot: new uPlot(opts, data, el), data, limit };
 }
 
 function resizeCharts() {
@@ -317,7 +350,7 @@ function push(id, t, values) {
   const c = charts[id];
   c.data[0].push(t);
   values.forEach((v, i) => c.data[i + 1].push(v));
-  if (c.data[0].length > HISTORY) for (const col of c.data) col.shift();
+  if (c.data[0].length > c.limit) for (const col of c.data) col.shift();
   c.plot.setData(c.data);
 }
 
@@ -334,6 +367,24 @@ function onEngine(e) {
   $("m-queue").textContent = `${e.running} / ${e.waiting}`;
   $("m-weights").textContent = e.weights_version;
   $("m-sessions").textContent = e.sessions;
+}
+
+// The trainer's reports (events.train via the feed, and GET /v1/training for what came before the
+// page opened): loss by optimizer step; a report at or before the last step drawn is skipped.
+function onTrain(e) {
+  if (typeof e.step !== "number" || e.step <= state.trainStep) return;
+  state.trainStep = e.step;
+  push("chart-loss", e.step, [e.loss]);
+  $("m-train-step").textContent = String(e.step);
+  $("m-train-loss").textContent = fmt(e.loss, 3);
+  $("m-train-rate").textContent = fmt(e.bytes_per_s, 0);
+}
+
+async function loadTraining() {
+  try {
+    const { reports } = await getJSON(`/v1/training?since=${state.trainStep}`);
+    for (const r of reports) onTrain(r);
+  } catch (e) { /* no trainer yet, or the gateway is away: the feed carries new reports */ }
 }
 
 function onSession(e) {
@@ -373,6 +424,7 @@ async function feed() {
       if (r.status === 401) needKey();
       if (!r.ok) throw new Error("HTTP " + r.status);
       wait = 500;
+      loadTraining(); // reports published while the feed was down
       const reader = r.body.pipeThrough(new TextDecoderStream()).getReader();
       let buf = "";
       for (;;) {
@@ -405,6 +457,7 @@ function dispatch(block) {
   if (event === "engine") onEngine(e);
   else if (event === "session") onSession(e);
   else if (event === "namespace") onNamespace(e);
+  else if (event === "train") onTrain(e);
   else if (event === "memory_job_failed") onOther(event, e);
 }
 
@@ -490,6 +543,7 @@ function start() {
   makeChart("chart-throughput", [["out", "#2060c0"], ["in", "#c07020"]]);
   makeChart("chart-latency", [["TTFT", "#2060c0"], ["ITL", "#20a060"]]);
   makeChart("chart-queue", [["running", "#2060c0"], ["waiting", "#c03030"]]);
+  makeChart("chart-loss", [["loss", "#8030b0"]], { time: false, limit: TRAIN_HISTORY });
   showView();
   connect();
   feed();
