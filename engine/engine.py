@@ -412,6 +412,7 @@ class Engine:
                 continue
             self.runner.install_memory(seq.slot, upd.memory, upd.written)
             self.memory_versions[upd.session] = upd.version
+            self.metrics.memory_installs += 1
             self.sessions[upd.session].collector.push_event(MemoryNotice(upd.version, upd.levels))
 
     def _account(self, plan: StepPlan, t0: float, now: float) -> None:

@@ -73,4 +73,5 @@ class EngineMetrics:
     waiting: int = 0  # sessions with unread input and no turn
     sessions: int = 0  # live sessions
     segments_closed: int = 0  # segments handed to memory
+    memory_installs: int = 0  # memory versions (consolidation results) switched in between steps
     weights_version: int = 0  # bumps on every hot reload

@@ -95,6 +95,8 @@ def test_dashboard_lists_the_session_and_charts_draw(
         arg=sid,
     )
     assert row is not None
+    # consolidation done: the chat session's memory versions, counted by the engine (/metrics)
+    page.wait_for_function("Number(document.getElementById('m-consolidated').textContent) >= 1")
     # the feed sends a summary every second: each uPlot instance holds several points
     page.wait_for_function(f"() => {ENGINE_CHARTS}.every(c => c.plot.data[0].length >= 3)")
     lengths = page.evaluate(f"{ENGINE_CHARTS}.map(c => c.plot.data[0].length)")

@@ -516,6 +516,8 @@ function showMetrics(m) {
   $("m-batch").textContent = n ? fmt(m["bwr:engine_batch_size_sum"] / n, 2) : "-";
   const seg = m["bwr:segments_closed_total"];
   $("m-segments").textContent = seg === undefined ? "-" : String(seg);
+  const done = m["bwr:memory_versions_installed_total"];
+  $("m-consolidated").textContent = done === undefined ? "-" : String(done);
   let turns = 0;
   for (const [k, v] of Object.entries(m)) if (k.startsWith("bwr:turns_total{")) turns += v;
   $("m-turns").textContent = String(turns);
