@@ -1,16 +1,18 @@
-"""Checkpoints: a directory holding model.safetensors (weights) and config.json (format version
-plus ModelConfig). Loading checks both and says what is wrong; it never guesses.
+"""Checkpoints: a directory holding model.safetensors (weights) and config.json (format version,
+ModelConfig, and the weights file's SHA-256). Loading checks all three and says what is wrong; it
+never guesses. A checkpoint written before the checksum existed loads without that check.
 """
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 from typing import TYPE_CHECKING
 
 import torch
 from safetensors import SafetensorError
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load, save_file
 
 from model.config import FORMAT_VERSION, ModelConfig
 
@@ -18,6 +20,7 @@ if TYPE_CHECKING:
     from model.lm import ByteLM
 
 WEIGHTS, CONFIG = "model.safetensors", "config.json"
+CHECKSUM = "weights_sha256"  # config.json's record of the weights file
 
 
 class CheckpointError(ValueError):
@@ -38,9 +41,11 @@ def save_checkpoint(
         tensors.pop("head.weight", None)
     tmp = out / (WEIGHTS + ".tmp")
     save_file(tensors, str(tmp), metadata={"format_version": str(FORMAT_VERSION)})
+    digest = hashlib.sha256(tmp.read_bytes()).hexdigest()
     tmp.replace(out / WEIGHTS)  # atomic: a reader never sees half a file
     meta = json.loads(model.config.to_json())
     meta.update(extra or {})
+    meta[CHECKSUM] = digest
     (out / CONFIG).write_text(json.dumps(meta, indent=2))
     return out
 
@@ -77,8 +82,15 @@ def load_weights(
     wfile = Path(path) / WEIGHTS
     if not wfile.is_file():
         raise CheckpointError(f"{path}: no {WEIGHTS}")
+    data = wfile.read_bytes()
+    want = _recorded_checksum(Path(path))
+    if want is not None and hashlib.sha256(data).hexdigest() != want:
+        raise CheckpointError(
+            f"{wfile}: damaged: its SHA-256 is not the one {CONFIG} records ({want[:16]}...);"
+            " copy or fetch the checkpoint again"
+        )
     try:
-        tensors = load_file(str(wfile), device=str(device))
+        tensors = {k: t.to(device) for k, t in load(data).items()}
     except (SafetensorError, OSError, ValueError) as e:
         raise CheckpointError(f"{wfile}: corrupt weights ({e})") from None
     with torch.device("meta"):
@@ -97,6 +109,18 @@ def load_weights(
                 f"{wfile}: {k} has shape {tuple(t.shape)}, config wants {tuple(expected[k].shape)}"
             )
     return {k: t.float() for k, t in tensors.items()}
+
+
+def _recorded_checksum(path: Path) -> str | None:
+    """The weights checksum config.json records; None for a checkpoint written without one."""
+    try:
+        meta = json.loads((path / CONFIG).read_text())
+    except (OSError, json.JSONDecodeError, UnicodeDecodeError):
+        return None  # read_config reports a missing or broken config.json
+    value = meta.get(CHECKSUM) if isinstance(meta, dict) else None
+    if value is not None and not isinstance(value, str):
+        raise CheckpointError(f"{path / CONFIG}: {CHECKSUM} is not a string")
+    return value
 
 
 def load_checkpoint(path: str | Path, device: torch.device | str = "cpu") -> ByteLM:

@@ -11,6 +11,7 @@ import torch
 
 from model import ByteLM, ModelConfig
 from model.checkpoint import (
+    CHECKSUM,
     CONFIG,
     WEIGHTS,
     CheckpointError,
@@ -126,7 +127,27 @@ def test_corrupt_weights(saved: tuple[ByteLM, Path], damage) -> None:
     _, path = saved
     wfile = path / WEIGHTS
     wfile.write_bytes(damage(wfile.read_bytes()))
+    refuse(path, str(wfile), "damaged", "SHA-256")
+    # a checkpoint from before the checksum: the parser still refuses what it cannot read
+    meta = json.loads((path / CONFIG).read_text())
+    del meta[CHECKSUM]
+    (path / CONFIG).write_text(json.dumps(meta))
     refuse(path, str(wfile), "corrupt weights")
+
+
+def test_a_flipped_bit_inside_tensor_data_is_refused(saved: tuple[ByteLM, Path]) -> None:
+    """The safetensors header still parses, the shapes still match: only the checksum sees it."""
+    _, path = saved
+    wfile = path / WEIGHTS
+    data = bytearray(wfile.read_bytes())
+    data[-100] ^= 0x01
+    wfile.write_bytes(bytes(data))
+    refuse(path, str(wfile), "damaged", CONFIG)
+    meta = json.loads((path / CONFIG).read_text())
+    assert len(meta[CHECKSUM]) == 64
+    del meta[CHECKSUM]  # without the record the flip would load silently
+    (path / CONFIG).write_text(json.dumps(meta))
+    load_checkpoint(path)
 
 
 def test_config_not_json(saved: tuple[ByteLM, Path]) -> None:
