@@ -35,6 +35,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from model import ByteLM, ModelConfig
+    from model.evals.mix import Mixer, parse_mix
     from model.train import StepLog, TrainConfig, file_documents, pack, train
 
     if getattr(args, "nats_url", None):
@@ -44,6 +45,13 @@ def _train(args: argparse.Namespace) -> int:
     if args.text is None or args.out is None:
         print("bwr train: give --text FILE --out DIR, or --nats-url URL", file=sys.stderr)
         return 2
+    try:
+        mix = parse_mix(args.mix)
+    except ValueError as e:
+        print(f"bwr train: {e}", file=sys.stderr)
+        return 2
+    if args.threads:
+        torch.set_num_threads(args.threads)
     torch.manual_seed(args.seed)
     device = _pick_device(args.device)
     if args.resume:
@@ -68,7 +76,13 @@ def _train(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    train(model, pack(docs, cfg.batch_size, cfg.seq_len), cfg, on_log=log)
+    batches = pack(docs, cfg.batch_size, cfg.seq_len)
+    mixer = Mixer(mix, seed=args.seed)
+    if mix:
+        batches = mixer.batches(batches)
+    train(model, batches, cfg, on_log=log)
+    if mix:
+        print(f"mixed in {mixer.replaced} of {mixer.rows} rows", flush=True)
     model.save(args.out, dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32)
     print(f"saved {args.out}")
     return 0
@@ -119,6 +133,11 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument("--minutes", type=float, default=0.0, help="time budget (0: run all steps)")
     tr.add_argument("--save-dtype", choices=["float32", "bfloat16"], default="float32")
     tr.add_argument("--out", default=None, help="checkpoint directory to write (with --text)")
+    tr.add_argument(
+        "--mix",
+        default="",
+        help="eval cases replacing this fraction of --text rows: passkey=0.3,mqar=0.2,facts=0.2",
+    )
     tr.add_argument("--nats-url", default=None, help="train from the DOCS stream instead of a file")
     from memory.train_cli import add_train_nats_arguments
 
@@ -278,7 +297,7 @@ def _bench_gateway(args: argparse.Namespace) -> int:
 
 
 def _eval(args: argparse.Namespace) -> int:
-    from model.evals.run import run
+    from gateway.evals import run
 
     return run(args)
 

@@ -206,7 +206,8 @@ class MemoryService:
         memory = await self.latest(session)
         pending = (await self.pending_by_session()).get(session, 0)
         base = (memory or self.empty).summary()
-        return dict(session=session, pending_jobs=pending, **base)
+        # memory_bytes: the name the gateway's session view adds to the state bytes
+        return dict(session=session, pending_jobs=pending, memory_bytes=base["nbytes"], **base)
 
     # ----- shared by the workers -----
 

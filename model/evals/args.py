@@ -1,4 +1,5 @@
-"""args.py: the `bwr eval` flags, apart from the runner so the CLI parser imports no torch."""
+"""args.py: the `bwr eval` flags, apart from the runner (gateway/evals.py) so the CLI parser
+imports no torch."""
 
 from __future__ import annotations
 
@@ -17,5 +18,15 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--device", default="cpu")
     p.add_argument("--json", default=None, help="write the results here")
     p.add_argument(
-        "--no-memory", action="store_true", help="memory read off (this runner always is: no NATS)"
+        "--no-memory",
+        action="store_true",
+        help="the ablation: memory read off (memory_capacity 0), no NATS",
+    )
+    p.add_argument("--nats-url", default=None, help="use this NATS server instead of starting one")
+    p.add_argument("--memory-workers", type=int, default=2, help="consolidation workers")
+    p.add_argument(
+        "--settle",
+        type=float,
+        default=60.0,
+        help="seconds to wait for consolidation before each case's question",
     )

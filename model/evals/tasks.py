@@ -9,6 +9,7 @@ quadratic). It never imports torch or the engine.
 from __future__ import annotations
 
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 
 FILLER = (
@@ -27,6 +28,7 @@ class Case:
 
     turns: tuple[tuple[bytes, bytes], ...]
     needle_at: tuple[int, ...]  # byte offsets of the hidden items in the first prompt
+    question_at: int  # where the question starts in the first prompt (the context ends there)
 
     @property
     def prompt(self) -> bytes:
@@ -69,12 +71,12 @@ def compose(length: int, items: list[tuple[float, bytes]], tail: bytes, rng: ran
     pieces.append(tail)
     prompt = b"".join(pieces)
     assert len(prompt) == length
-    return Case(((prompt, b""),), tuple(at))
+    return Case(((prompt, b""),), tuple(at), length - len(tail))
 
 
 def _with_turns(case: Case, turns: list[tuple[bytes, bytes]]) -> Case:
     first = (case.prompt + turns[0][0], turns[0][1])
-    return Case((first, *turns[1:]), case.needle_at)
+    return Case((first, *turns[1:]), case.needle_at, case.question_at)
 
 
 def passkey(length: int, depth: float = 0.5, seed: int = 0, digits: int = 5) -> Case:
@@ -83,7 +85,7 @@ def passkey(length: int, depth: float = 0.5, seed: int = 0, digits: int = 5) -> 
     key = str(rng.randrange(10 ** (digits - 1) if digits > 1 else 0, 10**digits)).encode()
     needle = b" The pass key is " + key + b". Remember it. " + key + b" is the pass key. "
     case = compose(length, [(depth, needle)], PASSKEY_QUESTION, rng)
-    return Case(((case.prompt, key),), case.needle_at)
+    return Case(((case.prompt, key),), case.needle_at, case.question_at)
 
 
 def associative_recall(
@@ -129,7 +131,11 @@ def facts(length: int, depth: float = 0.5, seed: int = 0, n_facts: int = 4) -> C
         q = b"\nWhere is the %s? The %s is in the " % (obj.encode(), obj.encode())
         ans = places[holder].encode()
     case = compose(length, list(zip(spread, sents, strict=True)), q, rng)
-    return Case(((case.prompt, ans),), case.needle_at)
+    return Case(((case.prompt, ans),), case.needle_at, case.question_at)
 
 
-TASKS = {"passkey": passkey, "mqar": associative_recall, "facts": facts}
+TASKS: dict[str, Callable[..., Case]] = {
+    "passkey": passkey,
+    "mqar": associative_recall,
+    "facts": facts,
+}

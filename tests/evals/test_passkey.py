@@ -13,8 +13,8 @@ from collections.abc import Iterator
 import pytest
 import torch
 
+from gateway.evals import evaluate
 from model import ByteLM, ModelConfig
-from model.evals.run import evaluate
 from model.evals.tasks import passkey
 from model.train import TrainConfig, train
 
@@ -55,7 +55,8 @@ def test_trained_tiny_model_finds_the_pass_key() -> None:
         steps=400, batch_size=8, seq_len=LENGTH, lr=3e-3, warmup=10, time_budget_s=20, log_every=100
     )
     train(model, batches(cfg.batch_size), cfg)
-    cells = asyncio.run(evaluate(model, "passkey", [LENGTH], [0.1, 0.5, 0.9], 7, digits=1))
+    report = asyncio.run(evaluate(model, "passkey", [LENGTH], [0.1, 0.5, 0.9], 7, digits=1))
+    cells = report.cells
     correct = sum(c.correct for c in cells)
     turns = sum(c.turns for c in cells)
     assert turns == 21

@@ -1,0 +1,374 @@
+"""evals.py is `bwr eval`: it streams long-context eval cases (model/evals/tasks.py) through the
+real engine, one session per case, with the memory system on by default, the way `bwr up` runs it:
+an embedded nats-server (unless a NATS URL is given), a MemoryPlugin whose hooks the engine closes
+segments into, consolidation workers, and memory versions installed between steps.
+
+Per case it prefills the context, waits (bounded) until consolidation has caught up for the
+session (every closed segment applied, no job pending, the latest version installed in the
+engine), then asks the question and decodes greedily len(answer) bytes per turn; exact match. It
+prints a length x depth table with bytes/s, settling time and bytes per session (state plus
+memory), and writes JSON. `--no-memory` is the ablation: memory_capacity 0, no NATS, no read.
+
+It owns no model code and no task generator; only `run` reads parsed flags.
+"""
+
+from __future__ import annotations
+
+import argparse
+import asyncio
+import json
+import logging
+import sys
+import tempfile
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import anyio
+import torch
+
+from engine import Busy, Delta, Done, Engine, EngineConfig, SamplingParams, Session
+from gateway.natsd import NatsServer, NatsServerError
+from gateway.persistence import MemoryPlugin
+from model import ByteLM, ModelConfig
+from model.config import PRESETS
+from model.evals.tasks import TASKS, Case, parse_size
+
+PIECE = 256 << 10  # bytes per submit: a 16 MB prompt is never copied whole into the inbox
+POLL_S = 0.01  # between looks at the engine and the bus while waiting
+
+
+@dataclass
+class Cell:
+    length: int
+    depth: float
+    correct: int = 0  # turns answered exactly
+    turns: int = 0
+    bytes_in: int = 0
+    seconds: float = 0.0  # reading and answering, settling excluded
+    settle_s: float = 0.0  # waiting for consolidation before the questions, all cases
+    settle_max_s: float = 0.0
+    settle_timeouts: int = 0  # cases asked before consolidation caught up
+    segments: int = 0  # segments closed into memory, all cases
+    memory_version_max: int = 0  # highest memory version installed in the engine
+    memory_slots_max: int = 0
+    memory_bytes_max: int = 0  # a session's memory (all levels' buffers) at question time
+    total_bytes_max: int = 0  # state plus memory, as the gateway's session view counts them
+    samples: list[dict[str, str]] = field(default_factory=list)  # first few (want, got)
+
+    @property
+    def accuracy(self) -> float:
+        return self.correct / max(1, self.turns)
+
+
+@dataclass
+class Report:
+    task: str
+    model: str
+    memory: bool
+    memory_capacity: int  # slots a session reads (0: memory off)
+    state_bytes_per_session: int
+    cells: list[Cell]
+    consolidation: dict[str, int] = field(default_factory=dict)  # totals over the run
+
+    def to_json(self) -> dict[str, Any]:
+        out = asdict(self)
+        out["cells"] = [
+            {**asdict(c), "accuracy": c.accuracy, "bytes_per_s": c.bytes_in / max(c.seconds, 1e-9)}
+            for c in self.cells
+        ]
+        return out
+
+
+# ----- one case -----
+
+
+async def _feed(session: Session, data: bytes, params: SamplingParams | None) -> None:
+    """Submit data in pieces; params (a turn) go with the last piece."""
+    view = memoryview(data)
+    for at in range(0, max(1, len(data)), PIECE):
+        last = at + PIECE >= len(data)
+        while True:
+            try:
+                session.submit(bytes(view[at : at + PIECE]), params if last else None)
+                break
+            except Busy:  # the inbox is full: wait for the engine to read it
+                await asyncio.sleep(0.005)
+
+
+async def _answer(session: Session, prompt: bytes, n: int) -> bytes:
+    """Submit prompt with a greedy n-byte turn; return what came out."""
+    await _feed(session, prompt, SamplingParams(max_bytes=n, temperature=0.0, seed=0))
+    out = bytearray()
+    async for ev in session.events():
+        if isinstance(ev, Delta):
+            out += ev.data
+        elif isinstance(ev, Done):
+            break
+    return bytes(out)
+
+
+async def _closed(engine: Engine, sid: str, since: int, want: int, timeout: float) -> int:
+    """Until the engine has read the session's input and closed `want` segments since the count
+    `since` (the scheduler counts bytes as fed when it plans a step, segments close when the step
+    ran) -> segments closed. Bounded by timeout s."""
+    deadline = time.perf_counter() + timeout
+    while time.perf_counter() < deadline:
+        seq = engine.scheduler.seqs.get(sid)
+        done = engine.metrics.segments_closed - since
+        if seq is None or (not seq.pending and done >= want):
+            return done
+        await asyncio.sleep(POLL_S)
+    return engine.metrics.segments_closed - since
+
+
+async def caught_up(engine: Engine, plugin: MemoryPlugin, sid: str, closed: int) -> bool:
+    """The session's `closed` segments are published, applied, and the resulting version is the
+    one the engine reads."""
+    assert plugin.hooks is not None
+    if plugin.hooks.pending:
+        return False
+    info = await plugin.inspect(sid)
+    if info["pending_jobs"] or info["last_seq"] < closed - 1:
+        return False
+    return closed == 0 or engine.memory_versions.get(sid, 0) >= info["version"]
+
+
+async def settle(
+    engine: Engine, plugin: MemoryPlugin, sid: str, closed: int, timeout: float
+) -> tuple[float, bool]:
+    """Wait up to timeout s for consolidation of the session -> (seconds waited, caught up)."""
+    t0 = time.perf_counter()
+    while not await caught_up(engine, plugin, sid, closed):
+        if time.perf_counter() - t0 > timeout:
+            return time.perf_counter() - t0, False
+        await asyncio.sleep(POLL_S)
+    return time.perf_counter() - t0, True
+
+
+async def run_case(
+    engine: Engine,
+    case: Case,
+    cell: Cell,
+    plugin: MemoryPlugin | None = None,
+    settle_s: float = 60.0,
+) -> list[tuple[bytes, bytes]]:
+    """(want, got) per turn of one case, in a fresh session; memory figures go into cell."""
+    session = engine.open(binary=True)
+    sid = session.id
+    try:
+        first, want0 = case.turns[0]
+        context, question = first[: case.question_at], first[case.question_at :]
+        t0 = time.perf_counter()
+        closed0 = engine.metrics.segments_closed  # one session runs at a time
+        await _feed(session, context, None)
+        if plugin is not None:
+            want = len(context) // engine.model.config.segment_len
+            closed = await _closed(engine, sid, closed0, want, settle_s)
+            elapsed = time.perf_counter() - t0
+            waited, ok = await settle(engine, plugin, sid, closed, settle_s)
+            ok = ok and closed >= want
+            info = await plugin.inspect(sid)
+            state = engine.model.state_bytes_per_row()
+            cell.segments += closed
+            cell.settle_s += waited
+            cell.settle_max_s = max(cell.settle_max_s, waited)
+            cell.settle_timeouts += not ok
+            cell.memory_version_max = max(
+                cell.memory_version_max, engine.memory_versions.get(sid, 0)
+            )
+            cell.memory_slots_max = max(cell.memory_slots_max, int(info["slots"]))
+            cell.memory_bytes_max = max(cell.memory_bytes_max, int(info["memory_bytes"]))
+            cell.total_bytes_max = max(cell.total_bytes_max, state + int(info["memory_bytes"]))
+        else:
+            elapsed = 0.0  # the question queues behind the context: timed with it below
+        t0 = time.perf_counter()
+        scored = [(want0, await _answer(session, question, len(want0)))]
+        for later, expect in case.turns[1:]:
+            scored.append((expect, await _answer(session, later, len(expect))))
+        cell.seconds += elapsed + time.perf_counter() - t0
+        return scored
+    finally:
+        await session.close()
+        if plugin is not None and plugin.hooks is not None:
+            plugin.hooks.forget(sid)
+
+
+# ----- a sweep -----
+
+
+async def _sweep(
+    engine: Engine,
+    plugin: MemoryPlugin | None,
+    task: str,
+    lengths: list[int],
+    depths: list[float],
+    n: int,
+    seed: int,
+    settle_s: float,
+    task_args: dict[str, Any],
+) -> list[Cell]:
+    gen = TASKS[task]
+    cells = []
+    for length in lengths:
+        for depth in depths:
+            cell = Cell(length, depth)
+            for i in range(n):
+                case = gen(length, depth, seed + i, **task_args)
+                scored = await run_case(engine, case, cell, plugin, settle_s)
+                cell.bytes_in += sum(len(p) for p, _ in case.turns)
+                for want, got in scored:
+                    cell.turns += 1
+                    cell.correct += want == got
+                    if len(cell.samples) < 3:
+                        cell.samples.append(
+                            {"want": want.decode("latin-1"), "got": got.decode("latin-1")}
+                        )
+            cells.append(cell)
+    return cells
+
+
+async def evaluate(
+    model: ByteLM,
+    task: str,
+    lengths: list[int],
+    depths: list[float],
+    n: int,
+    *,
+    nats_url: str | None = None,
+    device: str = "cpu",
+    seed: int = 0,
+    workers: int = 2,
+    settle_s: float = 60.0,
+    model_name: str = "",
+    **task_args: Any,
+) -> Report:
+    """Every (length, depth) cell over n seeded cases, one session at a time. With nats_url the
+    memory system runs as under `bwr up`; without it, memory is off (the ablation)."""
+    cfg = EngineConfig(max_slots=1, device=device, memory_capacity=0, idle_wait_s=0.005)
+    state = model.state_bytes_per_row()
+    if nats_url is None:
+        async with Engine(model, cfg) as engine:
+            cells = await _sweep(engine, None, task, lengths, depths, n, seed, 0.0, task_args)
+        return Report(task, model_name, False, 0, state, cells)
+    with tempfile.TemporaryDirectory(prefix="bwr-eval-") as data_dir:
+        plugin = MemoryPlugin(nats_url, model, workers=workers, data_dir=data_dir, ingest=False)
+        try:
+            hooks = await plugin.connect()
+            cfg = EngineConfig(
+                max_slots=1, device=device, memory_capacity=plugin.capacity, idle_wait_s=0.005
+            )
+            engine = Engine(model, cfg, hooks=hooks)
+            await engine.start()
+            try:
+                async with anyio.create_task_group() as tg:
+                    await tg.start(plugin.run, engine)
+                    cells = await _sweep(
+                        engine, plugin, task, lengths, depths, n, seed, settle_s, task_args
+                    )
+                    tg.cancel_scope.cancel()
+            finally:
+                with anyio.CancelScope(shield=True):
+                    await engine.shutdown(drain_s=0.0)
+        finally:
+            await plugin.close()
+    assert plugin.service is not None
+    totals = {
+        "segments_published": hooks.submitted,
+        "versions_applied": plugin.service.stats.applied,
+        "versions_installed": engine.metrics.memory_installs,
+        "jobs_failed": plugin.service.stats.failed,
+    }
+    return Report(task, model_name, True, plugin.capacity, state, cells, totals)
+
+
+# ----- output -----
+
+
+def table(report: Report, depths: list[float]) -> str:
+    head = f"{'length':>10} " + " ".join(f"{f'd={d:g}':>8}" for d in depths) + f" {'B/s':>10}"
+    if report.memory:
+        head += f" {'settle s':>9} {'segs':>6} {'mem B':>10} {'total B':>10}"
+    lines = [head]
+    for length in sorted({c.length for c in report.cells}):
+        row = [c for c in report.cells if c.length == length]
+        rate = sum(c.bytes_in for c in row) / max(1e-9, sum(c.seconds for c in row))
+        accs = {c.depth: c.accuracy for c in row}
+        line = (
+            f"{length:>10} "
+            + " ".join(f"{100 * accs.get(d, 0.0):>7.1f}%" for d in depths)
+            + f" {rate:>10,.0f}"
+        )
+        if report.memory:
+            line += (
+                f" {max(c.settle_max_s for c in row):>9.2f}"
+                f" {sum(c.segments for c in row):>6}"
+                f" {max(c.memory_bytes_max for c in row):>10,}"
+                f" {max(c.total_bytes_max for c in row):>10,}"
+            )
+        lines.append(line)
+    return "\n".join(lines)
+
+
+def load_model(name: str, device: str, seed: int = 0) -> ByteLM:
+    """A checkpoint directory, or a named config with seeded random weights."""
+    if name in PRESETS:
+        torch.manual_seed(seed)
+        return ByteLM(ModelConfig.named(name)).to(device).eval()
+    return ByteLM.load(name, device).eval()
+
+
+def run(args: argparse.Namespace) -> int:
+    lengths = [parse_size(x) for x in args.lengths.split(",") if x]
+    depths = [float(x) for x in args.depths.split(",") if x]
+    model = load_model(args.model, args.device, args.seed)
+    logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
+    print(f"task {args.task}  model {args.model}  n {args.n}  device {args.device}")
+
+    def go(url: str | None) -> Report:
+        return asyncio.run(
+            evaluate(
+                model,
+                args.task,
+                lengths,
+                depths,
+                args.n,
+                nats_url=url,
+                device=args.device,
+                seed=args.seed,
+                workers=args.memory_workers,
+                settle_s=args.settle,
+                model_name=args.model,
+            )
+        )
+
+    if args.no_memory:
+        print("memory: off (--no-memory: memory_capacity 0, the recurrent state alone)")
+        report = go(None)
+    elif args.nats_url:
+        print(f"memory: on (consolidation over {args.nats_url})")
+        report = go(args.nats_url)
+    else:
+        with tempfile.TemporaryDirectory(prefix="bwr-eval-nats-") as tmp:
+            try:
+                server = NatsServer(Path(tmp) / "nats")
+                url = server.start()
+            except NatsServerError as e:
+                print(f"bwr eval: {e}; or run with --no-memory", file=sys.stderr)
+                return 1
+            try:
+                print(f"memory: on (embedded nats-server {url}, pid {server.pid})")
+                report = go(url)
+            finally:
+                server.stop()
+    print(table(report, depths))
+    print(f"state per session: {report.state_bytes_per_session:,} B (constant in the length)")
+    if report.memory:
+        print(f"memory: capacity {report.memory_capacity} slots; {report.consolidation}")
+    if args.json:
+        Path(args.json).parent.mkdir(parents=True, exist_ok=True)
+        with open(args.json, "w") as f:
+            json.dump(report.to_json(), f, indent=2)
+        print(f"wrote {args.json}")
+    return 0

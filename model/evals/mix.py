@@ -1,0 +1,91 @@
+"""mix.py: eval tasks mixed into training batches. A chosen fraction of the rows of each batch is
+replaced by a generated eval case of exactly the row's length, answers included (prompt, answer,
+next prompt, next answer, ...), so a model trained on the mix learns to answer the questions the
+evals ask.
+
+Cases are seeded from TRAIN_SEED up, far above the eval runner's seeds (seed + i for i < n), so
+no case the eval scores is trained on. Depths are drawn uniformly. The mix never changes a row's
+shape or any row it does not replace; it knows nothing about the optimiser.
+"""
+
+from __future__ import annotations
+
+import random
+from collections.abc import Iterator
+
+import torch
+from torch import Tensor
+
+from model.evals.tasks import TASKS, Case, filler
+
+TRAIN_SEED = 1 << 30  # first training case seed; `bwr eval` uses --seed (default 0) .. + n
+HEADROOM = 64  # bytes kept free for answers and later turns; filled by leading filler
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """ "passkey=0.3,mqar=0.2" -> {"passkey": 0.3, "mqar": 0.2}; fractions sum to at most 1."""
+    out: dict[str, float] = {}
+    for part in filter(None, (p.strip() for p in text.split(","))):
+        name, _, frac = part.partition("=")
+        if name not in TASKS:
+            raise ValueError(f"--mix {part!r}: unknown task {name!r}; known: {sorted(TASKS)}")
+        try:
+            out[name] = float(frac)
+        except ValueError:
+            raise ValueError(f"--mix {part!r}: want TASK=FRACTION, e.g. passkey=0.3") from None
+        if not 0 <= out[name] <= 1:
+            raise ValueError(f"--mix {part!r}: a fraction lies in [0, 1]")
+    if sum(out.values()) > 1 + 1e-9:
+        raise ValueError(f"--mix {text!r}: fractions sum to {sum(out.values()):g} > 1")
+    return out
+
+
+def case_bytes(case: Case) -> bytes:
+    """A case as one training sequence: every turn's prompt followed by its answer."""
+    return b"".join(p + a for p, a in case.turns)
+
+
+def case_row(task: str, length: int, depth: float, seed: int) -> bytes:
+    """Exactly `length` bytes: a case of `task` generated `HEADROOM` bytes short, led by filler
+    up to the length (the answers stay last, after their questions)."""
+    data = case_bytes(TASKS[task](length - HEADROOM, depth, seed))
+    if len(data) > length:
+        raise ValueError(f"a {task} case of {len(data)} bytes does not fit a {length}-byte row")
+    return filler(length - len(data), seed) + data
+
+
+class Mixer:
+    """Replaces rows of (B, T + 1) batches by eval cases, each row with probability of its task's
+    fraction; seeded, so the same batches and seed give the same mix."""
+
+    def __init__(self, mix: dict[str, float], seed: int = 0) -> None:
+        self.mix = {k: v for k, v in mix.items() if v > 0}
+        self.rng = random.Random(f"mix/{seed}")
+        self.next_seed = TRAIN_SEED + seed * (1 << 20)  # disjoint per training seed
+        self.replaced: dict[str, int] = dict.fromkeys(self.mix, 0)
+        self.rows = 0
+
+    def pick(self) -> str | None:
+        r = self.rng.random()
+        for task, frac in self.mix.items():
+            if r < frac:
+                return task
+            r -= frac
+        return None
+
+    def __call__(self, batch: Tensor) -> Tensor:
+        out = batch.clone()
+        for i in range(out.shape[0]):
+            self.rows += 1
+            task = self.pick()
+            if task is None:
+                continue
+            row = case_row(task, out.shape[1], self.rng.random(), self.next_seed)
+            self.next_seed += 1
+            out[i] = torch.frombuffer(bytearray(row), dtype=torch.uint8).long()
+            self.replaced[task] += 1
+        return out
+
+    def batches(self, batches: Iterator[Tensor]) -> Iterator[Tensor]:
+        for b in batches:
+            yield self(b)

@@ -1,0 +1,67 @@
+"""The eval runner with the memory system on (a real nats-server, consolidation workers, versions
+installed in the engine) and off (the ablation: no hooks, no memory pool, no NATS)."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import pytest
+
+import gateway.evals
+from engine import Engine
+from gateway.cli import main
+from gateway.evals import evaluate
+from model import ByteLM
+from tests.nats_server import NatsServer
+
+LENGTH = 640  # five segments of the tiny config (128 bytes each)
+
+
+async def test_memory_on_consolidates_before_the_question(
+    nats_server: NatsServer, tiny_model: ByteLM
+) -> None:
+    report = await evaluate(
+        tiny_model, "passkey", [LENGTH], [0.5], 2, nats_url=nats_server.url, settle_s=30.0
+    )
+    (cell,) = report.cells
+    assert report.memory and report.to_json()["memory"] is True
+    assert report.memory_capacity > 0
+    assert cell.turns == 2
+    # the context (LENGTH minus the question) closes four segments per case
+    assert cell.segments == 2 * ((LENGTH - 39) // 128)
+    assert cell.settle_timeouts == 0
+    assert cell.memory_version_max >= 4  # one version per applied segment, installed
+    assert cell.memory_slots_max > 0
+    assert cell.memory_bytes_max > 0
+    assert cell.total_bytes_max == report.state_bytes_per_session + cell.memory_bytes_max
+    done = report.consolidation
+    assert done["segments_published"] >= cell.segments
+    assert done["versions_applied"] >= cell.segments
+    assert done["versions_installed"] >= cell.segments
+    assert done["jobs_failed"] == 0
+
+
+def test_no_memory_reads_no_memory(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    engines: list[Engine] = []
+
+    class Recording(Engine):
+        def __init__(self, *args: Any, **kw: Any) -> None:
+            super().__init__(*args, **kw)
+            engines.append(self)
+
+    monkeypatch.setattr(gateway.evals, "Engine", Recording)
+    out = tmp_path / "off.json"
+    args = ["eval", "passkey", "--model", "tiny", "--lengths", str(LENGTH), "--depths", "0.5"]
+    assert main([*args, "--n", "1", "--no-memory", "--json", str(out)]) == 0
+    assert "memory: off" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["memory"] is False and data["memory_capacity"] == 0
+    assert data["cells"][0]["turns"] == 1 and data["cells"][0]["memory_bytes_max"] == 0
+    (engine,) = engines
+    assert engine.hooks is None and engine.runner.memory is None
+    assert engine.config.memory_capacity == 0
+    assert engine.metrics.memory_installs == 0

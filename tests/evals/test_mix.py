@@ -1,0 +1,101 @@
+"""Eval cases mixed into training batches: the fraction of rows, rows kept whole, answers right
+after their questions, seeds apart from the eval's, and `bwr train --mix` end to end."""
+
+from __future__ import annotations
+
+import re
+from pathlib import Path
+
+import pytest
+import torch
+
+from gateway.cli import main
+from model.codec import decode
+from model.evals.mix import TRAIN_SEED, Mixer, case_row, parse_mix
+from model.evals.tasks import PASSKEY_QUESTION
+from model.train import file_documents, pack
+
+TEXT = Path(__file__).parents[1] / "data" / "english.txt"
+SEQ = 512
+
+
+def natural(batches: int, rows: int = 8) -> list[torch.Tensor]:
+    it = pack(file_documents(TEXT, 2048), rows, SEQ)
+    return [next(it) for _ in range(batches)]
+
+
+def test_parse_mix() -> None:
+    assert parse_mix("passkey=0.3, mqar=0.2,facts=0.2") == {
+        "passkey": 0.3,
+        "mqar": 0.2,
+        "facts": 0.2,
+    }
+    assert parse_mix("") == {}
+    for bad in ("nope=0.1", "passkey", "passkey=2", "passkey=0.6,mqar=0.6"):
+        with pytest.raises(ValueError):
+            parse_mix(bad)
+
+
+def kind(row: bytes) -> str:
+    if PASSKEY_QUESTION in row:
+        return "passkey"
+    if b"\nQueries:" in row:
+        return "mqar"
+    assert b"\nWhere is " in row, row[-80:]
+    return "facts"
+
+
+def test_mixed_rows_fraction_and_answers_after_questions() -> None:
+    mix = {"passkey": 0.3, "mqar": 0.2, "facts": 0.2}
+    mixer = Mixer(mix, seed=0)
+    before = natural(50)
+    after = [mixer(b) for b in before]
+    replaced: dict[str, int] = dict.fromkeys(mix, 0)
+    for b, a in zip(before, after, strict=True):
+        assert a.shape == b.shape == (8, SEQ + 1)
+        for old, new in zip(b, a, strict=True):
+            if torch.equal(old, new):
+                continue  # kept whole
+            row = decode(new)
+            assert len(row) == SEQ + 1
+            task = kind(row)
+            replaced[task] += 1
+            if task == "passkey":  # the question, then the key the context hid
+                key = row.rsplit(PASSKEY_QUESTION, 1)[1]
+                assert re.fullmatch(rb"\d{5}", key) and b"The pass key is " + key in row
+            elif task == "mqar":  # every query is followed by the value the context paired
+                tail = row.split(b"\nQueries:", 1)[1]
+                asked = re.findall(rb" (k\d{3})=(v\d{3});", tail)
+                assert len(asked) == 4 and tail.endswith(b";")
+                for k, v in asked:
+                    assert b" %s=%s; " % (k, v) in row.split(b"\nQueries:", 1)[0]
+            else:  # the place answering the question ends the row
+                question = row.rsplit(b"\nWhere is ", 1)[1]
+                assert re.fullmatch(rb"[^?]+\? .+ is in the [a-z]+", question), question
+    rows = 50 * 8
+    assert mixer.rows == rows and mixer.replaced == replaced
+    for task, frac in mix.items():
+        assert abs(replaced[task] / rows - frac) < 0.07, (task, replaced)
+    assert mixer.next_seed - TRAIN_SEED == sum(replaced.values())  # seeds far above eval seeds
+    again = Mixer(mix, seed=0)
+    assert all(torch.equal(again(b), a) for b, a in zip(before, after, strict=True))
+    assert not all(
+        torch.equal(Mixer(mix, seed=1)(b), a) for b, a in zip(before, after, strict=True)
+    )
+
+
+def test_case_row_is_exactly_the_length_and_too_short_raises() -> None:
+    assert len(case_row("mqar", 1000, 0.5, TRAIN_SEED)) == 1000
+    with pytest.raises(ValueError):
+        case_row("mqar", 200, 0.5, TRAIN_SEED)
+
+
+def test_train_with_mix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ckpt"
+    args = ["train", "--text", str(TEXT), "--config", "tiny", "--steps", "2", "--batch-size", "4"]
+    args += ["--seq-len", "512", "--device", "cpu", "--mix", "passkey=0.5", "--out", str(out)]
+    assert main(args) == 0
+    printed = capsys.readouterr().out
+    assert "mixed in {'passkey': " in printed and "of 8 rows" in printed
+    assert (out / "config.json").is_file()
+    assert main([*args[:-4], "--mix", "passkey=0.9,facts=0.9", "--out", str(out)]) == 2
