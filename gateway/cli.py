@@ -94,7 +94,13 @@ def _worker(args: argparse.Namespace) -> int:
     from model.config import PRESETS
 
     model = ModelConfig.named(args.model) if args.model in PRESETS else args.model
-    run_worker_process(args.nats_url, model, workers=args.workers, device=_pick_device(args.device))
+    run_worker_process(
+        args.nats_url,
+        model,
+        workers=args.workers,
+        device=_pick_device(args.device),
+        data_dir=args.data_dir,
+    )
     return 0
 
 
@@ -155,6 +161,9 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument("--model", default="tiny", help="checkpoint directory, or a named config")
     wk.add_argument("--workers", type=int, default=2)
     wk.add_argument("--device", default="cpu")
+    wk.add_argument(
+        "--data-dir", default=".data/worker", help="where checkpoints of model.updated land"
+    )
     wk.set_defaults(func=_worker)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")

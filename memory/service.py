@@ -10,8 +10,10 @@ from __future__ import annotations
 
 import logging
 import signal
+import threading
 from collections import OrderedDict
 from dataclasses import dataclass
+from functools import partial
 from pathlib import Path
 from types import TracebackType
 from typing import Any
@@ -246,10 +248,43 @@ def run_worker_process(
     config: MemoryConfig | None = None,
     workers: int | None = None,
     device: str = "cpu",
+    data_dir: str | Path = ".data/worker",
 ) -> None:
     """`bwr worker`: consolidation workers for a checkpoint (directory) or, for development, a
-    ModelConfig with seeded random weights; runs until SIGINT or SIGTERM."""
-    anyio.run(_worker_main, nats_url, model, config or MemoryConfig(), workers, device)
+    ModelConfig with seeded random weights; runs until SIGINT or SIGTERM. It follows
+    model.updated like the engine does (starting from the checkpoint ckpt.latest names, if any),
+    so its compressor always runs the weights the engine serves; fetched checkpoints go under
+    data_dir/checkpoints."""
+    anyio.run(_worker_main, nats_url, model, config or MemoryConfig(), workers, device, data_dir)
+
+
+class _Reloadable:
+    """A model's compressor whose weights can be replaced between two compressions (a lock: a
+    segment is never compressed by half old, half new weights)."""
+
+    def __init__(self, net: ByteLM) -> None:
+        self.net = net
+        self.lock = threading.Lock()
+        self._compress = model_compressor(net)
+        self.version = 0
+
+    def compress(self, hidden: Tensor, level: int) -> Tensor:
+        with self.lock:
+            return self._compress(hidden, level)
+
+    async def load(self, path: str) -> None:
+        from model.checkpoint import load_weights
+
+        device = next(self.net.parameters()).device
+        tensors = await anyio.to_thread.run_sync(load_weights, path, self.net.config, device)
+
+        def swap() -> None:
+            with self.lock, torch.no_grad():
+                self.net.load_state_dict(tensors, strict=not self.net.config.tie_embeddings)
+
+        await anyio.to_thread.run_sync(swap)
+        self.version += 1
+        log.info("worker: compressing with %s (reload %d)", Path(path).name, self.version)
 
 
 async def _worker_main(
@@ -258,7 +293,11 @@ async def _worker_main(
     config: MemoryConfig,
     workers: int | None,
     device: str,
+    data_dir: str | Path,
 ) -> None:
+    from memory.reload import follow_model_updates
+    from memory.snapshots import model_fingerprint
+
     if isinstance(model, ModelConfig):
         log.warning("worker: model %s with random weights (no checkpoint given)", model.name)
         torch.manual_seed(0)
@@ -266,9 +305,20 @@ async def _worker_main(
     else:
         net = ByteLM.load(str(model), device).eval()
     n = config.workers if workers is None else workers
-    svc = await MemoryService.connect(url, net.config, model_compressor(net), config)
+    weights = _Reloadable(net)
+    svc = await MemoryService.connect(url, net.config, weights.compress, config)
     async with svc, anyio.create_task_group() as tg:
         with anyio.open_signal_receiver(signal.SIGINT, signal.SIGTERM) as signals:
+            await tg.start(
+                partial(
+                    follow_model_updates,
+                    svc.bus,
+                    weights.load,
+                    data_dir=data_dir,
+                    fingerprint=model_fingerprint(net.config),
+                    catch_up=True,
+                )
+            )
             await tg.start(svc.run_workers, n)
             log.info("worker: %d consolidation workers on %s", n, url)
             async for _ in signals:  # stop intake: cancel the pulls; unacked jobs come back

@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import random
 import threading
+from pathlib import Path
 
 import anyio
 import nats
@@ -275,9 +276,12 @@ import sys
 from memory.config import MemoryConfig
 from memory.service import run_worker_process
 from model import ModelConfig
+import logging
+logging.basicConfig(level=logging.INFO)
 cfg = MemoryConfig(level_capacities=(16, 16, 16), merge_group=8, ack_wait_s=1.0,
                    fetch_timeout_s=0.2, order_nak_delay_s=0.02, reconnect_wait_s=0.05)
-run_worker_process(sys.argv[1], ModelConfig.named("tiny"), config=cfg, workers=2)
+run_worker_process(sys.argv[1], ModelConfig.named("tiny"), config=cfg, workers=2,
+                   data_dir=sys.argv[2])
 """
 
 
@@ -298,7 +302,7 @@ async def test_worker_process_applies_jobs_and_stops_on_sigterm(
         log = nats_server.root / "worker.log"
         with open(log, "wb") as out:
             proc = await anyio.open_process(
-                [sys.executable, "-c", WORKER_PROCESS, nats_server.url],
+                [sys.executable, "-c", WORKER_PROCESS, nats_server.url, str(nats_server.root)],
                 stdout=subprocess.DEVNULL,
                 stderr=out,
             )
@@ -314,4 +318,55 @@ async def test_worker_process_applies_jobs_and_stops_on_sigterm(
         want = reference(svc, "proc", n)
         assert got is not None and got.summary() == want.summary()  # same spans, seqs, counts
         for a, b in zip(got.levels, want.levels, strict=True):  # same weights, other thread count
+            assert torch.allclose(a.buf.slots, b.buf.slots, atol=1e-5)
+
+
+async def test_worker_process_compresses_with_the_announced_weights(
+    nats_server: NatsServer, mem_config: MemoryConfig, tmp_path: Path
+) -> None:
+    """A trainer announces new weights on model.updated: `bwr worker` fetches them and the
+    segments it consolidates afterwards are compressed by the new weights, not the old."""
+    import signal
+    import subprocess
+    import sys
+
+    from memory.reload import announce, checkpoint_name, model_files, new_notice, put_checkpoint
+
+    torch.manual_seed(1)
+    new = ByteLM(TINY).eval()  # other weights than the worker's seed-0 start
+    n = 4
+    async with await MemoryService.connect(
+        nats_server.url, TINY, model_compressor(new), mem_config
+    ) as svc:
+        log = nats_server.root / "worker-reload.log"
+        code = [sys.executable, "-c", WORKER_PROCESS, nats_server.url, str(tmp_path / "data")]
+        with open(log, "wb") as out:
+            proc = await anyio.open_process(code, stdout=subprocess.DEVNULL, stderr=out)
+            async with proc:
+                try:
+                    name = checkpoint_name(7)
+                    files = model_files(new)
+                    await put_checkpoint(svc.bus, name, files)
+                    notice = new_notice(name, new, 7, 1, sum(map(len, files.values())))
+                    await announce(svc.bus, notice)
+                    fetched = tmp_path / "data" / "checkpoints" / name
+                    await wait_until(  # the worker fetched it (and loads it before the next job)
+                        lambda: anyio.to_thread.run_sync(
+                            lambda: "reload 1" in log.read_text(errors="replace")
+                        ),
+                        60,
+                        f"the worker to load {fetched}",
+                    )
+                    for seq in range(n):
+                        await svc.submit(job("fresh", seq))
+                    await wait_until(lambda: all_applied(svc, ["fresh"], n), 60, "jobs")
+                finally:
+                    proc.send_signal(signal.SIGTERM)
+                    with anyio.fail_after(20):
+                        rc = await proc.wait()
+        assert rc == 0, log.read_text(errors="replace")
+        got = await svc.latest("fresh")
+        want = reference(svc, "fresh", n)  # svc compresses with the new weights
+        assert got is not None
+        for a, b in zip(got.levels, want.levels, strict=True):
             assert torch.allclose(a.buf.slots, b.buf.slots, atol=1e-5)
