@@ -143,17 +143,21 @@ class Runner:
         self.kv_segment[slot] = -1
 
     def _refresh_kv(self, feeds: tuple[Feed, ...]) -> None:
-        """Recompute the memory keys/values of slots whose memory or segment changed."""
-        for f in feeds:
-            seg = f.start // self.S
-            if self.kv_segment[f.slot] == seg:
-                continue
-            self.kv_segment[f.slot] = seg
-            slot_t = torch.tensor([f.slot], device=self.device)
-            mem = self._memory_for(slot_t, torch.tensor([f.start], device=self.device))
-            for i, (K, V, valid) in self.mem_kv.items():
-                k, v, ok = self.reads[i].memory_kv(mem, 1)
-                K[f.slot], V[f.slot], valid[f.slot] = k[0], v[0], ok[0]
+        """Recompute the memory keys/values of slots whose memory or segment changed: all of this
+        step's stale slots in one batched projection (one host-to-device copy of their indices)."""
+        stale = [f for f in feeds if self.kv_segment[f.slot] != f.start // self.S]
+        if not stale:
+            return
+        for f in stale:
+            self.kv_segment[f.slot] = f.start // self.S
+        idx = torch.tensor([[f.slot for f in stale], [f.start for f in stale]])
+        if self.device.type == "cuda":
+            idx = idx.pin_memory().to(self.device, non_blocking=True)
+        slots, pos = idx[0], idx[1]
+        mem = self._memory_for(slots, pos)
+        for i, (K, V, valid) in self.mem_kv.items():
+            k, v, ok = self.reads[i].memory_kv(mem, len(stale))
+            K[slots], V[slots], valid[slots] = k, v, ok
 
     def _memory_for(self, slots: Tensor, pos: Tensor) -> MemorySlots | None:
         if self.memory is None:

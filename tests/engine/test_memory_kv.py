@@ -92,3 +92,54 @@ def test_last_read_reports_the_slots_the_step_picked() -> None:
     assert sum(want.values()) + null == len(picks) * cfg.read_heads * 3
     runner.reset_slot(slot)
     assert runner.last_read(slot)["at"] == -1
+
+
+def test_batched_refresh_of_many_slots_matches_direct_reads() -> None:
+    """Several sessions cross segment boundaries and get new versions in the same steps: one
+    batched refresh serves them all, each as if it were read directly."""
+    torch.manual_seed(5)
+    cfg = ModelConfig.named("tiny").replace(segment_len=4)
+    model = ByteLM(cfg).eval()
+    M, n = 5, 3
+    runner = Runner(model, EngineConfig(max_slots=4, memory_capacity=M))
+    refs = [model.allocate_state(1) for _ in range(n)]
+    mems = []
+    written = torch.tensor([0, 1, 1, 2, 3])
+    for slot in range(n):
+        mem = MemorySlots(
+            torch.randn(1, M, cfg.d_model),
+            torch.randint(1, 4, (1, M)),
+            torch.zeros(1, M, dtype=torch.long),
+            torch.rand(1, M) < 0.8,
+        )
+        runner.install_memory(slot, mem, written)
+        mems.append(mem)
+    gen = torch.Generator().manual_seed(2)
+    for pos in range(14):
+        if pos == 9:  # new versions for two sessions between the same two steps
+            for slot in (0, 2):
+                mems[slot] = MemorySlots(
+                    torch.randn(1, M, cfg.d_model),
+                    mems[slot].level,
+                    mems[slot].age,
+                    torch.ones(1, M, dtype=torch.bool),
+                )
+                runner.install_memory(slot, mems[slot], written)
+        toks = torch.randint(0, 256, (n,), generator=gen).tolist()
+        offsets = [pos, pos + 2, pos + 3]  # the sessions cross boundaries at different steps
+        feeds = tuple(
+            Feed(f"s{slot}", slot, bytes([toks[slot]]), offsets[slot], False) for slot in range(n)
+        )
+        runner.execute(StepPlan((), feeds, (), ()))
+        for slot in range(n):
+            age = age_bucket(
+                (offsets[slot] // cfg.segment_len - written).clamp(min=0), cfg.age_buckets
+            ).unsqueeze(0)
+            m = mems[slot]
+            with torch.no_grad():
+                want = model.step(
+                    torch.tensor([toks[slot]]),
+                    refs[slot],
+                    memory=MemorySlots(m.slots, m.level, age, m.mask),
+                )
+            assert torch.allclose(runner.logits[slot], want[0], atol=1e-5), (pos, slot)
