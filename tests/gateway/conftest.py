@@ -123,6 +123,22 @@ class Up:
         return {"Authorization": f"Bearer {self.api_key}"}
 
 
+def train_flags(*, log_every: int, steps: int) -> tuple[str, ...]:
+    """`bwr up` flags for a trainer beside the engine, small enough for the CPU: a checkpoint
+    (hot-reloaded) every 10 steps, sequences of 128 bytes, a quiet stream flushed after 0.5 s."""
+    return (
+        "--train",
+        "--train-every",
+        "10",
+        "--train-arg=--batch-size=4",
+        "--train-arg=--seq-len=128",
+        "--train-arg=--idle-flush=0.5",
+        f"--train-arg=--log-every={log_every}",
+        "--train-arg=--lr=3e-3",
+        f"--train-arg=--steps={steps}",
+    )
+
+
 def start_up(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Up:
     cmd = [
         sys.executable,

@@ -14,7 +14,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from tests.gateway.conftest import Client, start_up, stop_up
+from tests.gateway.conftest import Client, start_up, stop_up, train_flags
 
 KEY = "train-secret"
 CORPUS = Path(__file__).parents[1] / "data" / "english.txt"
@@ -22,20 +22,7 @@ pytestmark = pytest.mark.slow
 
 
 async def test_up_train_ingest_reload(tmp_path: Path) -> None:
-    up = start_up(
-        tmp_path,
-        "--api-key",
-        KEY,
-        "--train",
-        "--train-every",
-        "10",
-        "--train-arg=--batch-size=4",
-        "--train-arg=--seq-len=128",
-        "--train-arg=--idle-flush=0.5",
-        "--train-arg=--log-every=5",
-        "--train-arg=--lr=3e-3",
-        "--train-arg=--steps=60",
-    )
+    up = start_up(tmp_path, "--api-key", KEY, *train_flags(log_every=5, steps=60))
     try:
         async with httpx.AsyncClient(base_url=up.url, headers=up.headers, timeout=30) as http:
             before = (await http.get("/v1/info")).json()["weights_version"]

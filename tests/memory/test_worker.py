@@ -3,8 +3,13 @@ sessions, slow workers, crashing workers, several services at once and a server 
 
 from __future__ import annotations
 
+import contextlib
 import random
+import signal
+import subprocess
+import sys
 import threading
+from collections.abc import AsyncIterator
 from pathlib import Path
 
 import anyio
@@ -285,40 +290,43 @@ run_worker_process(sys.argv[1], ModelConfig.named("tiny"), config=cfg, workers=2
 """
 
 
+@contextlib.asynccontextmanager
+async def worker_process(url: str, data_dir: Path) -> AsyncIterator[Path]:
+    """`bwr worker` as its own process (tiny, seed-0 weights) -> its log; on exit, SIGTERM, and
+    it must stop cleanly (exit 0)."""
+    log = data_dir / "worker.log"
+    data_dir.mkdir(parents=True, exist_ok=True)
+    with open(log, "wb") as out:
+        cmd = [sys.executable, "-c", WORKER_PROCESS, url, str(data_dir)]
+        async with await anyio.open_process(cmd, stdout=subprocess.DEVNULL, stderr=out) as proc:
+            try:
+                yield log
+            finally:
+                proc.send_signal(signal.SIGTERM)
+                with anyio.fail_after(20):
+                    code = await proc.wait()
+    assert code == 0, log.read_text(errors="replace")
+
+
+def assert_same_slots(got: SessionMemory | None, want: SessionMemory) -> None:
+    assert got is not None and got.summary() == want.summary()  # same spans, seqs, counts
+    for a, b in zip(got.levels, want.levels, strict=True):  # same weights, other thread count
+        assert torch.allclose(a.buf.slots, b.buf.slots, atol=1e-5)
+
+
 async def test_worker_process_applies_jobs_and_stops_on_sigterm(
-    nats_server: NatsServer, mem_config: MemoryConfig, tiny_model: ByteLM
+    nats_server: NatsServer, mem_config: MemoryConfig, tiny_model: ByteLM, tmp_path: Path
 ) -> None:
     """`bwr worker` as its own process: the same tiny weights (seed 0); SIGTERM ends it."""
-    import signal
-    import subprocess
-    import sys
-
     n = 6
     async with await MemoryService.connect(
         nats_server.url, TINY, model_compressor(tiny_model), mem_config
     ) as svc:
         for seq in range(n):
             await svc.submit(job("proc", seq))
-        log = nats_server.root / "worker.log"
-        with open(log, "wb") as out:
-            proc = await anyio.open_process(
-                [sys.executable, "-c", WORKER_PROCESS, nats_server.url, str(nats_server.root)],
-                stdout=subprocess.DEVNULL,
-                stderr=out,
-            )
-            async with proc:
-                try:
-                    await wait_until(lambda: all_applied(svc, ["proc"], n), 60, "worker process")
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    with anyio.fail_after(20):
-                        code = await proc.wait()
-        assert code == 0, log.read_text(errors="replace")
-        got = await svc.latest("proc")
-        want = reference(svc, "proc", n)
-        assert got is not None and got.summary() == want.summary()  # same spans, seqs, counts
-        for a, b in zip(got.levels, want.levels, strict=True):  # same weights, other thread count
-            assert torch.allclose(a.buf.slots, b.buf.slots, atol=1e-5)
+        async with worker_process(nats_server.url, tmp_path):
+            await wait_until(lambda: all_applied(svc, ["proc"], n), 60, "worker process")
+        assert_same_slots(await svc.latest("proc"), reference(svc, "proc", n))
 
 
 async def test_worker_process_compresses_with_the_announced_weights(
@@ -326,10 +334,6 @@ async def test_worker_process_compresses_with_the_announced_weights(
 ) -> None:
     """A trainer announces new weights on model.updated: `bwr worker` fetches them and the
     segments it consolidates afterwards are compressed by the new weights, not the old."""
-    import signal
-    import subprocess
-    import sys
-
     from memory.reload import announce, checkpoint_name, model_files, new_notice, put_checkpoint
 
     torch.manual_seed(1)
@@ -338,35 +342,20 @@ async def test_worker_process_compresses_with_the_announced_weights(
     async with await MemoryService.connect(
         nats_server.url, TINY, model_compressor(new), mem_config
     ) as svc:
-        log = nats_server.root / "worker-reload.log"
-        code = [sys.executable, "-c", WORKER_PROCESS, nats_server.url, str(tmp_path / "data")]
-        with open(log, "wb") as out:
-            proc = await anyio.open_process(code, stdout=subprocess.DEVNULL, stderr=out)
-            async with proc:
-                try:
-                    name = checkpoint_name(7)
-                    files = model_files(new)
-                    await put_checkpoint(svc.bus, name, files)
-                    notice = new_notice(name, new, 7, 1, sum(map(len, files.values())))
-                    await announce(svc.bus, notice)
-                    fetched = tmp_path / "data" / "checkpoints" / name
-                    await wait_until(  # the worker fetched it (and loads it before the next job)
-                        lambda: anyio.to_thread.run_sync(
-                            lambda: "reload 1" in log.read_text(errors="replace")
-                        ),
-                        60,
-                        f"the worker to load {fetched}",
-                    )
-                    for seq in range(n):
-                        await svc.submit(job("fresh", seq))
-                    await wait_until(lambda: all_applied(svc, ["fresh"], n), 60, "jobs")
-                finally:
-                    proc.send_signal(signal.SIGTERM)
-                    with anyio.fail_after(20):
-                        rc = await proc.wait()
-        assert rc == 0, log.read_text(errors="replace")
-        got = await svc.latest("fresh")
-        want = reference(svc, "fresh", n)  # svc compresses with the new weights
-        assert got is not None
-        for a, b in zip(got.levels, want.levels, strict=True):
-            assert torch.allclose(a.buf.slots, b.buf.slots, atol=1e-5)
+        async with worker_process(nats_server.url, tmp_path) as log:
+            name = checkpoint_name(7)
+            files = model_files(new)
+            await put_checkpoint(svc.bus, name, files)
+            await announce(svc.bus, new_notice(name, new, 7, 1, sum(map(len, files.values()))))
+            await wait_until(  # fetched and loaded (before any job of this test)
+                lambda: anyio.to_thread.run_sync(
+                    lambda: "reload 1" in log.read_text(errors="replace")
+                ),
+                60,
+                "the worker to load the new weights",
+            )
+            for seq in range(n):
+                await svc.submit(job("fresh", seq))
+            await wait_until(lambda: all_applied(svc, ["fresh"], n), 60, "jobs")
+        # the service here compresses with the new weights too: the same slots
+        assert_same_slots(await svc.latest("fresh"), reference(svc, "fresh", n))

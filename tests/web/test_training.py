@@ -14,22 +14,13 @@ from typing import Any
 import httpx
 import pytest
 
+from tests.gateway.conftest import train_flags
 from tests.web.conftest import Console, Gateway, free_port, screenshot
 
 pytestmark = pytest.mark.slow
 
 CORPUS = Path(__file__).parents[1] / "data" / "english.txt"
-TRAIN = (
-    "--train",
-    "--train-every",
-    "10",
-    "--train-arg=--batch-size=4",
-    "--train-arg=--seq-len=128",
-    "--train-arg=--idle-flush=0.5",
-    "--train-arg=--log-every=2",
-    "--train-arg=--lr=3e-3",
-    "--train-arg=--steps=40",
-)
+TRAIN = train_flags(log_every=2, steps=40)
 POINTS = "n => window.bwr.charts['chart-loss'].data[0].length >= n"
 
 
