@@ -117,6 +117,10 @@ class Close(msgspec.Struct, tag="close", tag_field="type"):
 
 ClientFrame = Auth | Open | Input | Cancel | Close
 CLIENT_TYPES = frozenset({"auth", "open", "input", "cancel", "close"})
+# Every field name a client frame may carry (as sent on the wire), for validators and fuzzers.
+CLIENT_FIELDS = tuple(
+    sorted({f.encode_name for t in ClientFrame.__args__ for f in msgspec.structs.fields(t)})
+)
 
 # ----- server frames -----
 

@@ -23,11 +23,11 @@ from hypothesis import strategies as st
 from websockets.sync.client import ClientConnection, connect
 
 from gateway.config import GatewayConfig
-from gateway.protocol import ErrorCode
+from gateway.protocol import CLIENT_FIELDS, CLIENT_TYPES, ErrorCode
 from tests.gateway.conftest import Running, serve
 
 LIMIT = 8192  # max_frame_bytes of the fuzzed gateway
-KNOWN = {"auth", "open", "input", "cancel", "close"}
+KNOWN = CLIENT_TYPES
 SERVER_TYPES = {"opened", "delta", "done", "memory", "error"}
 CODES = {c.value for c in ErrorCode}
 PROBE = json.dumps({"type": "__probe__"})
@@ -134,25 +134,9 @@ json_values = st.recursive(
     ),
     max_leaves=16,
 )
-fields = (
-    "text",
-    "bytes",
-    "max_bytes",
-    "temperature",
-    "top_k",
-    "top_p",
-    "seed",
-    "stop",
-    "session",
-    "token",
-    "namespace",
-    "binary",
-    "sampling",
-    "api_key",
-)
 known_type = st.fixed_dictionaries(
     {"type": st.sampled_from(sorted(KNOWN - {"close"}))},
-    optional={k: json_values | st.integers(-3, 40) for k in fields},
+    optional={k: json_values | st.integers(-3, 40) for k in CLIENT_FIELDS},
 ).map(json.dumps)
 invalid_utf8 = st.binary(max_size=40).map(lambda b: b + b"\xff")  # 0xff is never UTF-8
 frames = st.one_of(

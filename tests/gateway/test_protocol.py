@@ -12,6 +12,7 @@ from hypothesis import strategies as st
 
 from engine import SamplingParams
 from gateway.protocol import (
+    CLIENT_FIELDS,
     Cancel,
     DeltaFrame,
     DoneFrame,
@@ -141,25 +142,7 @@ json_values = st.recursive(
 )
 frame_like = st.fixed_dictionaries(
     {"type": st.sampled_from(["auth", "open", "input", "cancel", "close", "nope"])},
-    optional={
-        k: json_values
-        for k in (
-            "text",
-            "bytes",
-            "max_bytes",
-            "temperature",
-            "top_k",
-            "top_p",
-            "seed",
-            "stop",
-            "session",
-            "token",
-            "namespace",
-            "binary",
-            "sampling",
-            "api_key",
-        )
-    },
+    optional={k: json_values for k in CLIENT_FIELDS},
 )
 
 

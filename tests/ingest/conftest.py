@@ -1,37 +1,21 @@
-"""Fixtures of the ingest tests: a real nats-server per test, a micro model (width 32, segments
-of 32 bytes) so prefill is cheap on a CPU, small memory levels that fill after a few segments,
-and one torch thread (the CPU's delta rule is far slower with two busy threads)."""
+"""Fixtures of the ingest tests: the micro model's config (width 32, segments of 32 bytes) so
+prefill is cheap on a CPU, and small memory levels that fill after a few segments. The nats-server,
+the micro model and one torch thread come from tests/conftest.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
 from memory.config import MemoryConfig
-from model import ByteLM, ModelConfig
+from model import ModelConfig
 
 MICRO = ModelConfig(
     d_model=32, layout="HRD", filter_order=4, filter_features=8, filter_hidden=16,
     delta_heads=2, read_heads=2, read_topk=4, segment_len=32, mem_slots=2, compress_heads=2,
     delta_chunk=16, prefill_chunk=256, name="micro",
 )  # fmt: skip
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def micro_model() -> ByteLM:
-    torch.manual_seed(0)
-    return ByteLM(MICRO).eval()
 
 
 @pytest.fixture

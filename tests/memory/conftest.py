@@ -1,15 +1,11 @@
-"""Fixtures of the memory tests: a real nats-server per test, a fast MemoryConfig, one torch
-thread (the tiny compressor is fastest single-threaded, and workers run it from threads)."""
+"""Fixtures of the memory tests: a fast MemoryConfig. The nats-server, the tiny model and one
+torch thread (workers run the compressor from threads) come from tests/conftest.py."""
 
 from __future__ import annotations
 
-from collections.abc import Iterator
-
 import pytest
-import torch
 
 from memory.config import MemoryConfig
-from model import ByteLM, ModelConfig
 
 
 @pytest.fixture
@@ -26,18 +22,3 @@ def mem_config() -> MemoryConfig:
         submit_timeout_s=20.0,
         request_timeout_s=1.0,
     )
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def tiny_model() -> ByteLM:
-    """`tiny` with seeded random weights, in eval mode (the compressor the workers run)."""
-    torch.manual_seed(0)
-    return ByteLM(ModelConfig.named("tiny")).eval()

@@ -1,35 +1,18 @@
-"""Fixtures of the training tests: a real nats-server per test, the micro model (width 32) the
-ingest tests use, a corpus of small documents, and one torch thread."""
+"""Fixtures of the training tests: the micro config as a file and a corpus of small documents.
+The nats-server, the micro model and one torch thread come from tests/conftest.py."""
 
 from __future__ import annotations
 
 import sys
-from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
-import torch
 
-from model import ByteLM
 from tests.ingest.conftest import MICRO
 
 ROOT = Path(__file__).parent.parent.parent
 TEXT = ROOT / "tests" / "data" / "english.txt"
 PYTHON = sys.executable
-
-
-@pytest.fixture(autouse=True)
-def one_torch_thread() -> Iterator[None]:
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
-@pytest.fixture
-def micro_model() -> ByteLM:
-    torch.manual_seed(0)
-    return ByteLM(MICRO)
 
 
 @pytest.fixture
