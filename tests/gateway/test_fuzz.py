@@ -25,6 +25,7 @@ from websockets.sync.client import ClientConnection, connect
 from gateway.config import GatewayConfig
 from gateway.protocol import CLIENT_FIELDS, CLIENT_TYPES, ErrorCode
 from tests.gateway.conftest import Running, serve
+from tests.gateway.strategies import JSON_VALUES
 
 LIMIT = 8192  # max_frame_bytes of the fuzzed gateway
 KNOWN = CLIENT_TYPES
@@ -127,22 +128,15 @@ def fuzz_socket(fuzzed: Running, behaved: Behaved) -> Iterator[ClientConnection]
 
 # ----- frames -----
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=24),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=10), inner, max_size=4)
-    ),
-    max_leaves=16,
-)
 known_type = st.fixed_dictionaries(
     {"type": st.sampled_from(sorted(KNOWN - {"close"}))},
-    optional={k: json_values | st.integers(-3, 40) for k in CLIENT_FIELDS},
+    optional={k: JSON_VALUES | st.integers(-3, 40) for k in CLIENT_FIELDS},
 ).map(json.dumps)
 invalid_utf8 = st.binary(max_size=40).map(lambda b: b + b"\xff")  # 0xff is never UTF-8
 frames = st.one_of(
     st.binary(max_size=300),  # sent as binary frames
     st.text(max_size=300),
-    json_values.map(json.dumps),
+    JSON_VALUES.map(json.dumps),
     known_type,
     known_type.map(str.encode),  # valid JSON in a binary frame
     st.builds(
@@ -241,34 +235,34 @@ paths = st.one_of(
 openai_like = st.fixed_dictionaries(
     {},
     optional={
-        "prompt": st.text(max_size=40) | st.lists(st.text(max_size=5), max_size=3) | json_values,
+        "prompt": st.text(max_size=40) | st.lists(st.text(max_size=5), max_size=3) | JSON_VALUES,
         "messages": st.lists(
             st.fixed_dictionaries(
-                {"role": st.sampled_from(["user", "system", "x"]) | json_values},
-                optional={"content": st.text(max_size=20) | json_values},
+                {"role": st.sampled_from(["user", "system", "x"]) | JSON_VALUES},
+                optional={"content": st.text(max_size=20) | JSON_VALUES},
             ),
             max_size=3,
         ),
-        "max_tokens": st.integers(-2, 40) | json_values,
-        "temperature": st.floats(-1, 3) | json_values,
-        "top_p": st.floats(-0.5, 1.5) | json_values,
+        "max_tokens": st.integers(-2, 40) | JSON_VALUES,
+        "temperature": st.floats(-1, 3) | JSON_VALUES,
+        "top_p": st.floats(-0.5, 1.5) | JSON_VALUES,
         "top_k": st.integers(-1, 300),
         "seed": st.integers(-5, 2**70),
-        "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=10) | json_values,
+        "stop": st.text(max_size=4) | st.lists(st.text(max_size=4), max_size=10) | JSON_VALUES,
         "stream": st.booleans(),
         "n": st.integers(0, 3),
         "echo": st.booleans(),
-        "binary": json_values,
-        "namespace": json_values,
-        "sampling": json_values
+        "binary": JSON_VALUES,
+        "namespace": JSON_VALUES,
+        "sampling": JSON_VALUES
         | st.fixed_dictionaries(
-            {}, optional={"max_bytes": st.integers(-1, 50), "stop": json_values}
+            {}, optional={"max_bytes": st.integers(-1, 50), "stop": JSON_VALUES}
         ),
     },
 )
 bodies = st.one_of(
     st.binary(max_size=200),
-    json_values.map(lambda v: json.dumps(v).encode()),
+    JSON_VALUES.map(lambda v: json.dumps(v).encode()),
     openai_like.map(lambda v: json.dumps(v).encode()),
     st.just(b""),
     st.builds(lambda n: b"x" * n, st.integers(LIMIT, 2 * LIMIT)),

@@ -28,6 +28,7 @@ from gateway.protocol import (
     encode_text,
     to_params,
 )
+from tests.gateway.strategies import JSON_VALUES
 
 LIMIT = 4096
 
@@ -133,16 +134,9 @@ def test_create_body() -> None:
         assert info.value.code is code
 
 
-json_values = st.recursive(
-    st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=20),
-    lambda inner: (
-        st.lists(inner, max_size=4) | st.dictionaries(st.text(max_size=8), inner, max_size=4)
-    ),
-    max_leaves=12,
-)
 frame_like = st.fixed_dictionaries(
     {"type": st.sampled_from(["auth", "open", "input", "cancel", "close", "nope"])},
-    optional={k: json_values for k in CLIENT_FIELDS},
+    optional={k: JSON_VALUES for k in CLIENT_FIELDS},
 )
 
 
@@ -150,7 +144,7 @@ frame_like = st.fixed_dictionaries(
 @given(
     raw=st.binary(max_size=200)
     | st.text(max_size=200)
-    | json_values.map(json.dumps)
+    | JSON_VALUES.map(json.dumps)
     | frame_like.map(json.dumps)
 )
 def test_decoder_never_raises_anything_else(raw: str | bytes) -> None:
