@@ -2,7 +2,10 @@
 
 One collector per session, a single slot: bytes the engine emits while the consumer is busy are
 merged into the slot rather than queued event by event, so a slow consumer costs memory bounded
-by its lag (and the engine pauses that session past `lag_limit`, never the batch). Text goes out
+by its lag (and the engine pauses that session past `lag_limit`, never the batch). The consumer
+is woken for the first byte of a turn, for every event, and then once `stream_interval` bytes
+wait: with hundreds of sessions streaming, waking each consumer every byte costs more host time
+than the step itself. Text goes out
 only on whole UTF-8 boundaries (an incomplete trailing sequence waits for its next byte; invalid
 bytes become U+FFFD); binary mode hands out raw bytes. No torch here.
 """
@@ -23,9 +26,12 @@ class Collector:
         binary: bool = False,
         lag_limit: int = 4096,
         on_lag: Callable[[bool], None] | None = None,
+        stream_interval: int = 1,
     ) -> None:
         self.binary = binary
         self.lag_limit = lag_limit
+        self.stream_interval = stream_interval
+        self._eager = True  # the next byte starts a turn: wake the consumer for it at once
         self._on_lag = on_lag
         self._buf = bytearray()  # emitted, not yet handed out
         self._text = codecs.getincrementaldecoder("utf-8")(errors="replace")
@@ -38,7 +44,9 @@ class Collector:
 
     def push(self, data: bytes) -> None:
         self._buf += data
-        self._wake.set()
+        if self._eager or len(self._buf) >= self.stream_interval:
+            self._eager = False
+            self._wake.set()
         if not self._lagging and len(self._buf) >= self.lag_limit:
             self._lagging = True
             if self._on_lag:
@@ -46,6 +54,8 @@ class Collector:
 
     def push_event(self, event: Done | MemoryNotice) -> None:
         self._order.append((len(self._buf), event))
+        if isinstance(event, Done):
+            self._eager = True
         self._wake.set()
 
     def close(self) -> None:

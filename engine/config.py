@@ -22,12 +22,18 @@ class EngineConfig:
     decode_dtype: str = "float32"  # matmul weights of the fused GPU decode: float32 or bfloat16
     threaded_steps: bool = True  # run each step in a worker thread so the event loop stays live
     idle_wait_s: float = 0.05  # longest sleep of an idle loop before it looks again
+    # Wake a session's consumer once this many output bytes wait (the first byte of a turn, its
+    # end and any event wake it at once). 1 wakes every byte; more trades a little inter-byte
+    # smoothness for far fewer wake-ups when hundreds of sessions stream (host time per step).
+    stream_interval: int = 1
 
     def __post_init__(self) -> None:
         if self.max_slots < 1:
             raise ValueError("max_slots must be >= 1")
         if self.prefill_chunk < 1 or self.prefill_budget < 1:
             raise ValueError("prefill_chunk and prefill_budget must be >= 1")
+        if not 1 <= self.stream_interval <= self.lag_limit:
+            raise ValueError("stream_interval must be between 1 and lag_limit")
 
     @property
     def buckets(self) -> tuple[int, ...]:

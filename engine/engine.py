@@ -220,6 +220,7 @@ class Engine:
             binary=binary,
             lag_limit=self.config.lag_limit,
             on_lag=lambda lag: self._on_lag(sid, lag),
+            stream_interval=self.config.stream_interval,
         )
         session = Session(self, sid, collector)
         self.sessions[sid] = session
@@ -432,26 +433,35 @@ class Engine:
 
     def _emit(self, outcomes: list[Outcome], now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now
-        for o in outcomes:
-            session = self.sessions.get(o.sid)
+        sessions, clocks, m = self.sessions, self._clocks, self.metrics
+        out = 0
+        gaps: dict[float, int] = {}  # inter-byte gap -> bytes: most sessions share the step's
+        for o in outcomes:  # one per generating session per step: kept lean
+            session = sessions.get(o.sid)
             if session is None:
                 continue
-            if isinstance(o, Emitted):
-                session.collector.push(o.data)
-                self.metrics.bytes_out += len(o.data)
-                clock = self._clocks.get(o.sid)
+            if type(o) is Emitted:
+                data = o.data
+                session.collector.push(data)
+                out += len(data)
+                clock = clocks.get(o.sid)
                 if clock is not None:
                     if clock.last_out is None:
-                        self.metrics.ttft.observe(now - clock.submitted)
+                        m.ttft.observe(now - clock.submitted)
                     else:
-                        self.metrics.itl.observe((now - clock.last_out) / len(o.data))
+                        gap = (now - clock.last_out) / len(data)
+                        gaps[gap] = gaps.get(gap, 0) + len(data)
                     clock.last_out = now
-            elif isinstance(o, Finished):
+            else:
+                assert isinstance(o, Finished)
                 session.collector.push_event(Done(o.reason, o.usage))
-                self.metrics.turns += 1
+                m.turns += 1
                 label = o.reason.label
-                self.metrics.finished[label] = self.metrics.finished.get(label, 0) + 1
-                self._clocks.pop(o.sid, None)
+                m.finished[label] = m.finished.get(label, 0) + 1
+                clocks.pop(o.sid, None)
+        m.bytes_out += out
+        for gap, count in gaps.items():
+            m.itl.observe_n(gap, count)
 
     def _segments(self, plan: StepPlan, closed: list[ClosedSegment]) -> None:
         if not closed or self.hooks is None:

@@ -48,6 +48,13 @@ class Histogram:
         self.n += 1
         self.recent.append(value)
 
+    def observe_n(self, value: float, count: int) -> None:
+        """`count` observations of the same value (one bisect for many sessions' equal gaps)."""
+        self.counts[bisect.bisect_left(self.buckets, value)] += count
+        self.total += value * count
+        self.n += count
+        self.recent.extend([value] * min(count, self.window))
+
     def quantile(self, q: float) -> float:
         if not self.recent:
             return 0.0

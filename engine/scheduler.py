@@ -15,10 +15,13 @@ from __future__ import annotations
 import enum
 from collections import deque
 from dataclasses import dataclass, field
+from functools import cached_property
+from typing import NamedTuple
 
 from engine.types import FinishReason, SamplingParams, Usage
 
 EOS_ID = 257  # the codec's end-of-sequence id
+BYTE = tuple(bytes((i,)) for i in range(256))  # one-byte objects, made once (the hot path's feeds)
 
 
 class Phase(enum.Enum):
@@ -48,6 +51,7 @@ class Seq:
     turn: Turn | None = None  # the active generation, if any
     paused: bool = False  # consumer lags: skip until resumed
     has_logits: bool = False  # the slot holds logits of the last fed byte
+    sampling: Turn | None = None  # the turn the sample of the last plan is for
 
     @property
     def phase(self) -> Phase:
@@ -58,8 +62,7 @@ class Seq:
         return Phase.IDLE
 
 
-@dataclass(frozen=True)
-class Feed:
+class Feed(NamedTuple):  # a tuple, not a dataclass: one per session per step, made fast
     sid: str
     slot: int
     data: bytes  # bytes to feed, in order
@@ -74,7 +77,7 @@ class StepPlan:
     prefill: tuple[Feed, ...]  # several bytes each: run through the parallel form
     sample_only: tuple[Feed, ...]  # no bytes: sample from the logits the slot already holds
 
-    @property
+    @cached_property
     def samples(self) -> tuple[Feed, ...]:
         """The feeds that sample, in the order the runner returns their bytes."""
         return tuple(f for f in (*self.decode, *self.prefill, *self.sample_only) if f.sample)
@@ -83,14 +86,12 @@ class StepPlan:
         return bool(self.reset or self.decode or self.prefill or self.sample_only)
 
 
-@dataclass(frozen=True)
-class Emitted:
+class Emitted(NamedTuple):
     sid: str
     data: bytes
 
 
-@dataclass(frozen=True)
-class Finished:
+class Finished(NamedTuple):
     sid: str
     reason: FinishReason
     usage: Usage
@@ -109,7 +110,6 @@ class Scheduler:
         self._reset: list[int] = []
         self._rr: deque[str] = deque()  # round-robin order of sessions with input to prefill
         self._queued: set[str] = set()  # members of _rr
-        self._sampling_for: dict[str, Turn | None] = {}  # turn each sample of the last plan is for
 
     # ----- lifecycle -----
 
@@ -163,14 +163,22 @@ class Scheduler:
     # ----- planning -----
 
     def schedule(self) -> StepPlan:
-        decode, prefill, sample_only = [], [], []
+        decode: list[Feed] = []
+        prefill: list[Feed] = []
+        sample_only: list[Feed] = []
         for seq in self.seqs.values():
             if seq.paused:
                 continue
             turn = seq.turn
-            if len(seq.pending) == 1:  # a sampled byte or a one-byte input: joins the batched step
-                decode.append(self._feed(seq, 1, turn is not None))
-            elif seq.pending:
+            pending = seq.pending
+            if len(pending) == 1:  # a sampled byte or a one-byte input: joins the batched step
+                # _feed(seq, 1, ...) inlined: this runs for every generating session every step
+                decode.append(Feed(seq.sid, seq.slot, BYTE[pending[0]], seq.fed, turn is not None))
+                pending.clear()
+                seq.fed += 1
+                seq.has_logits = True
+                seq.sampling = turn
+            elif pending:
                 if seq.sid not in self._queued:
                     self._queued.add(seq.sid)
                     self._rr.append(seq.sid)
@@ -182,6 +190,7 @@ class Scheduler:
                     decode.append(self._feed(seq, 1, True))
                 else:
                     sample_only.append(Feed(seq.sid, seq.slot, b"", seq.fed, True))
+                    seq.sampling = turn
         # Prefill: round-robin over sessions with more than one unread byte, a chunk each,
         # under the byte budget.
         budget = self.prefill_budget
@@ -201,9 +210,7 @@ class Scheduler:
             budget -= n
             prefill.append(self._feed(seq, n, seq.turn is not None and n == len(seq.pending)))
         reset, self._reset = tuple(self._reset), []
-        plan = StepPlan(reset, tuple(decode), tuple(prefill), tuple(sample_only))
-        self._sampling_for = {f.sid: self.seqs[f.sid].turn for f in plan.samples}
-        return plan
+        return StepPlan(reset, tuple(decode), tuple(prefill), tuple(sample_only))
 
     def take_resets(self) -> tuple[int, ...]:
         """Slots newly owned, for a caller that zeroes them itself before the next plan (the
@@ -217,6 +224,8 @@ class Scheduler:
         feed = Feed(seq.sid, seq.slot, data, seq.fed, sample)
         seq.fed += n
         seq.has_logits = True
+        if sample:
+            seq.sampling = seq.turn
         return feed
 
     # ----- results -----
@@ -227,37 +236,41 @@ class Scheduler:
         if len(sampled) != len(samples):
             raise ValueError(f"plan sampled {len(samples)} rows, got {len(sampled)} bytes")
         out: list[Outcome] = []
+        seqs = self.seqs
         for feed, value in zip(samples, sampled, strict=True):
-            seq = self.seqs.get(feed.sid)
+            seq = seqs.get(feed.sid)
             turn = None if seq is None else seq.turn
-            if (
-                seq is None
-                or turn is None
-                or turn is not self._sampling_for.get(feed.sid)
-                or seq.pending
-            ):
+            if seq is None or turn is None or turn is not seq.sampling or seq.pending:
                 # Closed, cancelled or interrupted while the step ran (perhaps with a new turn
                 # already asked for): the sample belongs to a turn that is over. Drop it.
                 continue
+            seq.sampling = None
             if value >= 256:
                 out += self._finish(seq, FinishReason.EOS)
                 continue
-            turn.generated.append(value)
+            generated = turn.generated
+            generated.append(value)
             seq.pending.append(value)  # the sampled byte is read back next step
-            hit = next((s for s in turn.params.stop if turn.generated.endswith(s)), None)
-            if hit is not None:
-                del turn.generated[len(turn.generated) - len(hit) :]
-                out += self._finish(seq, FinishReason.STOP, output=len(turn.generated) + len(hit))
-                continue
-            hold = _stop_prefix_len(turn.generated, turn.params.stop, turn.max_stop)
-            if len(turn.generated) - hold > turn.emitted:
-                out.append(
-                    Emitted(
-                        seq.sid, bytes(turn.generated[turn.emitted : len(turn.generated) - hold])
+            if not turn.max_stop:  # no stop sequences: nothing is held back
+                n = len(generated)
+                if turn.emitted == n - 1:
+                    out.append(Emitted(seq.sid, BYTE[value]))
+                else:
+                    out.append(Emitted(seq.sid, bytes(generated[turn.emitted :])))
+                turn.emitted = n
+            else:
+                hit = next((s for s in turn.params.stop if generated.endswith(s)), None)
+                if hit is not None:
+                    del generated[len(generated) - len(hit) :]
+                    out += self._finish(seq, FinishReason.STOP, output=len(generated) + len(hit))
+                    continue
+                hold = _stop_prefix_len(generated, turn.params.stop, turn.max_stop)
+                if len(generated) - hold > turn.emitted:
+                    out.append(
+                        Emitted(seq.sid, bytes(generated[turn.emitted : len(generated) - hold]))
                     )
-                )
-                turn.emitted = len(turn.generated) - hold
-            if len(turn.generated) >= turn.params.max_bytes:
+                    turn.emitted = len(generated) - hold
+            if len(generated) >= turn.params.max_bytes:
                 out += self._finish(seq, FinishReason.LENGTH)
         return out
 

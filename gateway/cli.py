@@ -218,6 +218,19 @@ def build_parser() -> argparse.ArgumentParser:
     )
     upp.add_argument("--no-uvloop", action="store_true", help="run on the stdlib asyncio loop")
     upp.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="output bytes per consumer wake-up (first byte and turn end at once); more eases the"
+        " host at hundreds of sessions",
+    )
+    upp.add_argument(
+        "--compile", action="store_true", help="torch.compile the decode step (GPU: then graphs)"
+    )
+    upp.add_argument(
+        "--decode-dtype", choices=["float32", "bfloat16"], default="float32", help="GPU decode"
+    )
+    upp.add_argument(
         "--no-memory",
         action="store_true",
         help="no memory consolidation, snapshots or resume after a restart (they need NATS)",
@@ -285,6 +298,9 @@ def _up(args: argparse.Namespace) -> int:
             train=args.train,
             train_every=args.train_every,
             train_args=tuple(args.train_arg),
+            stream_interval=args.stream_interval,
+            compile=args.compile,
+            decode_dtype=args.decode_dtype,
         )
     except ValueError as e:
         print(f"bwr up: {e}", file=sys.stderr)

@@ -62,6 +62,10 @@ class GatewayConfig:
     events_interval_s: float = 1.0  # period of the `events.engine` throughput summary
     events_queue: int = 1024  # events waiting to be published (more are dropped and counted)
     data_dir: str = ".data"  # local state: the embedded nats-server's store lives in data_dir/nats
+    # ----- the engine -----
+    stream_interval: int = 1  # output bytes a session's consumer waits for (EngineConfig's)
+    compile: bool = False  # torch.compile the decode step (on a GPU, before graph capture)
+    decode_dtype: str = "float32"  # GPU decode weights: float32 or bfloat16
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:
@@ -78,6 +82,10 @@ class GatewayConfig:
             raise ValueError("default_top_p must be in (0, 1] and default_temperature >= 0")
         if self.detach_timeout_s < 0:
             raise ValueError("detach_timeout_s must be >= 0")
+        if self.stream_interval < 1:
+            raise ValueError("stream_interval must be >= 1")
+        if self.decode_dtype not in ("float32", "bfloat16"):
+            raise ValueError("decode_dtype must be float32 or bfloat16")
 
     @property
     def auth(self) -> bool:

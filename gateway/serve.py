@@ -274,7 +274,13 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
         info.update(version=package_version(), nats_embedded=nats is not None)
         cfg = replace(cfg, model_name=str(info["model"]))
         hooks = None
-        engine_config = EngineConfig(max_slots=cfg.max_sessions, device=device)
+        engine_config = EngineConfig(
+            max_slots=cfg.max_sessions,
+            device=device,
+            stream_interval=cfg.stream_interval,
+            compile=cfg.compile,
+            decode_dtype=cfg.decode_dtype,
+        )
         if cfg.nats_url is not None and cfg.memory:
             # Memory consolidation, snapshots and resume live on the bus: on with NATS.
             from gateway.app import Hooks

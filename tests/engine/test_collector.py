@@ -229,3 +229,43 @@ async def test_next_batch_waits_times_out_and_sees_close() -> None:
     assert await c.next_batch(timeout=5) == [Delta(b"x", "x")]
     c.close()
     assert await c.next_batch(timeout=5) == []
+
+
+async def test_stream_interval_wakes_for_the_first_byte_then_every_n_and_at_done() -> None:
+    """The consumer sleeps until `stream_interval` bytes wait, except for the first byte of a
+    turn, events, and close; no byte is lost or reordered by the coalescing."""
+    c = Collector(binary=True, stream_interval=4)
+    c.push(b"a")  # first byte of the turn: wakes at once
+    assert c._wake.is_set()
+    assert [e.data for e in c.take() if isinstance(e, Delta)] == [b"a"]
+    c._wake.clear()
+    for b in (b"b", b"c", b"d"):
+        c.push(b)
+        assert not c._wake.is_set()  # 1, 2, 3 bytes wait: not yet
+    c.push(b"e")
+    assert c._wake.is_set()  # 4 bytes wait
+    assert [e.data for e in c.take() if isinstance(e, Delta)] == [b"bcde"]
+    c._wake.clear()
+    c.push(b"f")
+    assert not c._wake.is_set()
+    c.push_event(Done(FinishReason.LENGTH, Usage(1, 6, 7)))  # the end wakes with what waits
+    assert c._wake.is_set()
+    got = c.take()
+    assert b"".join(e.data for e in got if isinstance(e, Delta)) == b"f"
+    assert isinstance(got[-1], Done)
+    c._wake.clear()
+    c.push(b"g")  # the next turn's first byte wakes again
+    assert c._wake.is_set()
+
+    # through the async iterator: every byte arrives, in order
+    c2 = Collector(binary=True, stream_interval=3)
+    data = bytes(range(50))
+    for i in range(len(data)):
+        c2.push(data[i : i + 1])
+    c2.push_event(Done(FinishReason.LENGTH, Usage(0, 50, 50)))
+    c2.close()
+    out = b""
+    async for ev in c2.events():
+        if isinstance(ev, Delta):
+            out += ev.data
+    assert out == data

@@ -14,6 +14,7 @@ import pytest
 
 from engine import (
     Busy,
+    Delta,
     Done,
     Engine,
     FinishReason,
@@ -306,3 +307,38 @@ async def test_load_weights_hot_swaps_and_rejects_another_shape(
         u = engine.open()
         u.submit(b"weights", p)
         assert (await Reader(u).turn())[0] == want_after[0]
+
+
+def test_observe_n_equals_n_observations() -> None:
+    from engine.metrics import Histogram
+
+    a, b = Histogram(), Histogram()
+    for v, n in ((0.002, 3), (0.04, 1), (7.0, 5)):
+        a.observe_n(v, n)
+        for _ in range(n):
+            b.observe(v)
+    assert (a.counts, a.n, a.total, list(a.recent)) == (b.counts, b.n, b.total, list(b.recent))
+    assert a.quantile(0.5) == b.quantile(0.5)
+
+
+async def test_stream_interval_coalesces_deliveries_and_changes_no_byte(model: ByteLM) -> None:
+    """With stream_interval 8 the consumer is woken about every 8 bytes (plus the first byte and
+    the end), and the bytes are exactly those of stream_interval 1."""
+    params = SamplingParams(max_bytes=64, temperature=0.9, seed=5)
+    outputs, wakes = [], []
+    for interval in (1, 8):
+        async with Engine(model, engine_config(stream_interval=interval)) as engine:
+            session = engine.open(binary=True)
+            session.submit(b"Once upon a time", params)
+            data, n = bytearray(), 0
+            while True:
+                batch = await asyncio.wait_for(session.next_batch(), 30)
+                n += 1
+                data += b"".join(e.data for e in batch if isinstance(e, Delta))
+                if any(isinstance(e, Done) for e in batch):
+                    break
+            outputs.append(bytes(data))
+            wakes.append(n)
+            await session.close()
+    assert outputs[0] == outputs[1] and len(outputs[0]) == 64
+    assert wakes[1] <= 64 // 8 + 2 < wakes[0], wakes
