@@ -136,6 +136,7 @@ class Engine:
         self.metrics = EngineMetrics()
         self.sessions: dict[str, Session] = {}
         self._clocks: dict[str, _TurnClock] = {}
+        self._unscheduled: set[str] = set()  # sessions whose turn no step has read yet
         self._wake = asyncio.Event()
         self._task: asyncio.Task[None] | None = None
         self._executor = ThreadPoolExecutor(1, thread_name_prefix="bwr-step")
@@ -260,6 +261,7 @@ class Engine:
             # Device tensors change only between steps (a step may be running in the worker).
             self._sampling_updates.append((seq.slot, params, seed, params.seed is not None))
             self._clocks[session.id] = _TurnClock(time.perf_counter())
+            self._unscheduled.add(session.id)
         self._wake.set()
 
     def _cancel(self, session: Session) -> None:
@@ -276,6 +278,7 @@ class Engine:
         session.collector.close()
         self.sessions.pop(session.id, None)
         self._clocks.pop(session.id, None)
+        self._unscheduled.discard(session.id)
         self.memory_versions.pop(session.id, None)
         self.metrics.sessions = len(self.sessions)
         self._wake.set()
@@ -424,12 +427,15 @@ class Engine:
         m.bytes_in += sum(len(f.data) for f in plan.prefill) + sum(
             1 for f in plan.decode if not f.sample
         )
-        for f in (*plan.decode, *plan.prefill, *plan.sample_only):
-            clock = self._clocks.get(f.sid)
-            if clock is not None and not clock.scheduled:
-                clock.scheduled = True
-                m.queue.observe(t0 - clock.submitted)
-        m.running, m.waiting = self.scheduler.running, self.scheduler.waiting
+        if self._unscheduled:  # queue time: only turns no step has read yet (few, not all)
+            fed = {f.sid for f in (*plan.decode, *plan.prefill, *plan.sample_only)}
+            for sid in self._unscheduled & fed:
+                self._unscheduled.discard(sid)
+                clock = self._clocks.get(sid)
+                if clock is not None and not clock.scheduled:
+                    clock.scheduled = True
+                    m.queue.observe(t0 - clock.submitted)
+        m.running, m.waiting = self.scheduler.counts
 
     def _emit(self, outcomes: list[Outcome], now: float | None = None) -> None:
         now = time.perf_counter() if now is None else now

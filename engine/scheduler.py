@@ -110,6 +110,7 @@ class Scheduler:
         self._reset: list[int] = []
         self._rr: deque[str] = deque()  # round-robin order of sessions with input to prefill
         self._queued: set[str] = set()  # members of _rr
+        self.counts = (0, 0)  # (running, waiting) as the last plan found them, for metrics
 
     # ----- lifecycle -----
 
@@ -166,11 +167,16 @@ class Scheduler:
         decode: list[Feed] = []
         prefill: list[Feed] = []
         sample_only: list[Feed] = []
+        running = waiting = 0
         for seq in self.seqs.values():
-            if seq.paused:
-                continue
             turn = seq.turn
             pending = seq.pending
+            if turn is None:
+                waiting += bool(pending)
+            elif not seq.paused:
+                running += 1
+            if seq.paused:
+                continue
             if len(pending) == 1:  # a sampled byte or a one-byte input: joins the batched step
                 # _feed(seq, 1, ...) inlined: this runs for every generating session every step
                 decode.append(Feed(seq.sid, seq.slot, BYTE[pending[0]], seq.fed, turn is not None))
@@ -210,6 +216,7 @@ class Scheduler:
             budget -= n
             prefill.append(self._feed(seq, n, seq.turn is not None and n == len(seq.pending)))
         reset, self._reset = tuple(self._reset), []
+        self.counts = (running, waiting)
         return StepPlan(reset, tuple(decode), tuple(prefill), tuple(sample_only))
 
     def take_resets(self) -> tuple[int, ...]:

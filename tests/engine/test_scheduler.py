@@ -233,7 +233,9 @@ class SchedulerMachine(RuleBasedStateMachine):
     def step(self, data: st.DataObject, n: int) -> None:
         """n steps; between a plan and its completion, commands may arrive (the step is running)."""
         for _ in range(n):
+            before = (self.sched.running, self.sched.waiting)
             self.check_plan(self.sched.schedule())
+            assert self.sched.counts == before  # what the metrics gauges show, found on the way
             for _ in range(data.draw(st.sampled_from([0, 0, 0, 1, 2]), label="commands in flight")):
                 self.command(data)
             self.complete(data)
