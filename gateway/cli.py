@@ -89,7 +89,11 @@ def _train(args: argparse.Namespace) -> int:
 
 
 def _worker(args: argparse.Namespace) -> int:
+    import logging
+
     from memory.service import run_worker_process
+
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from model import ModelConfig
     from model.config import PRESETS
 
@@ -236,7 +240,17 @@ def build_parser() -> argparse.ArgumentParser:
         help="no memory consolidation, snapshots or resume after a restart (they need NATS)",
     )
     upp.add_argument(
-        "--memory-workers", type=int, default=2, help="consolidation workers in this process"
+        "--memory-workers",
+        type=int,
+        default=None,
+        help="consolidation workers in this process (default 2, or 0 with --worker-processes)",
+    )
+    upp.add_argument(
+        "--worker-processes",
+        type=int,
+        default=0,
+        help="consolidation in N `bwr worker` processes started and stopped with the gateway:"
+        " compression never shares the engine's interpreter lock",
     )
     upp.add_argument(
         "--train", action="store_true", help="train on ingested documents beside the engine"
@@ -294,7 +308,12 @@ def _up(args: argparse.Namespace) -> int:
             detach_timeout_s=args.detach_timeout,
             drain_s=args.drain,
             memory=not args.no_memory,
-            memory_workers=args.memory_workers,
+            memory_workers=(
+                args.memory_workers
+                if args.memory_workers is not None
+                else (0 if args.worker_processes else 2)
+            ),
+            worker_processes=args.worker_processes,
             train=args.train,
             train_every=args.train_every,
             train_args=tuple(args.train_arg),

@@ -56,6 +56,7 @@ class GatewayConfig:
     nats_required: bool = False  # /readyz fails while NATS is unreachable
     memory: bool = True  # with NATS: consolidate session memories, snapshot sessions, resume them
     memory_workers: int = 2  # consolidation workers in this process
+    worker_processes: int = 0  # `bwr worker` processes `bwr up` starts (compression off the GIL)
     train: bool = False  # run the DOCS training consumer beside the engine (needs NATS)
     train_every: int = 50  # trainer steps between checkpoints (each one hot-reloaded)
     train_args: tuple[str, ...] = ()  # more `bwr train` flags for that trainer

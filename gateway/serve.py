@@ -15,7 +15,7 @@ import signal
 import socket
 import subprocess
 import sys
-from collections.abc import Generator
+from collections.abc import Generator, Sequence
 from dataclasses import replace
 from pathlib import Path
 from typing import Any
@@ -140,7 +140,9 @@ class Server(uvicorn.Server):
             self.should_exit = True
 
 
-def banner(cfg: GatewayConfig, port: int, nats: NatsServer | None) -> str:
+def banner(
+    cfg: GatewayConfig, port: int, nats: NatsServer | None, workers: Sequence[int] = ()
+) -> str:
     host = f"[{cfg.host}]" if ":" in cfg.host else cfg.host
     base = f"http://{host}:{port}"
     lines = [
@@ -156,12 +158,21 @@ def banner(cfg: GatewayConfig, port: int, nats: NatsServer | None) -> str:
         )
     else:
         lines.append(f"  nats        {cfg.nats_url or 'off'}")
+    if cfg.nats_url is not None and cfg.memory:
+        where = f"{cfg.memory_workers} in this process"
+        if workers:
+            where += f", {len(workers)} processes (pids {', '.join(map(str, workers))})"
+        lines.append(f"  memory      consolidation workers: {where}")
     lines.append(f"  auth        {'API key required' if cfg.auth else 'off (loopback only)'}")
     return "\n".join(lines)
 
 
 async def _serve(
-    app: Any, cfg: GatewayConfig, sock: socket.socket, nats: NatsServer | None
+    app: Any,
+    cfg: GatewayConfig,
+    sock: socket.socket,
+    nats: NatsServer | None,
+    workers: Sequence[int] = (),
 ) -> bool:
     config = uvicorn.Config(
         app,
@@ -180,7 +191,7 @@ async def _serve(
     while not server.started and not task.done():
         await asyncio.sleep(0.02)
     if server.started:
-        print(banner(cfg, sock.getsockname()[1], nats), flush=True)
+        print(banner(cfg, sock.getsockname()[1], nats, workers), flush=True)
     await task
     return server.started
 
@@ -211,6 +222,33 @@ def start_trainer(cfg: GatewayConfig, model: str, device: str) -> subprocess.Pop
         f"bwr up: trainer pid starting, log {Path(cfg.data_dir) / 'trainer.log'}", file=sys.stderr
     )
     return subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT)
+
+
+def start_workers(cfg: GatewayConfig, model: str, device: str) -> list[subprocess.Popen[bytes]]:
+    """`bwr up --worker-processes N`: consolidation workers in processes of their own (the same
+    model: a checkpoint directory, or a named config with the same seeded weights), each with
+    its own data directory and log; they follow model.updated as the engine does."""
+    procs = []
+    for i in range(cfg.worker_processes):
+        data = Path(cfg.data_dir) / f"worker-{i}"
+        data.mkdir(parents=True, exist_ok=True)
+        cmd = [
+            sys.executable,
+            "-m",
+            "gateway.cli",
+            "worker",
+            "--nats-url",
+            str(cfg.nats_url),
+            "--model",
+            model,
+            "--device",
+            device,
+            "--data-dir",
+            str(data),
+        ]
+        log = open(data / "worker.log", "ab")  # noqa: SIM115 - the child owns it
+        procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
+    return procs
 
 
 def stop_process(proc: subprocess.Popen[bytes], timeout: float = 20.0) -> None:
@@ -249,6 +287,7 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
         logging.getLogger(noisy).setLevel(logging.WARNING)
     nats: NatsServer | None = None
     trainer: subprocess.Popen[bytes] | None = None
+    workers: list[subprocess.Popen[bytes]] = []
     try:
         if device == "auto":
             import torch
@@ -264,10 +303,11 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
             except NatsServerError as e:
                 print(f"bwr up: {e}; serving without NATS", file=sys.stderr, flush=True)
                 nats = None
+        served = model_spec or str(info.get("checkpoint") or "tiny")
         if cfg.train and cfg.nats_url is not None:
-            trainer = start_trainer(
-                cfg, model_spec or str(info.get("checkpoint") or "tiny"), device
-            )
+            trainer = start_trainer(cfg, served, device)
+        if cfg.worker_processes and cfg.nats_url is not None and cfg.memory:
+            workers = start_workers(cfg, str(info.get("checkpoint") or served), device)
         from engine import EngineConfig
         from gateway.app import create_app, package_version
 
@@ -299,15 +339,17 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
             import uvloop
 
             with asyncio.Runner(loop_factory=uvloop.new_event_loop) as runner:
-                started = runner.run(_serve(app, cfg, sock, nats))
+                started = runner.run(_serve(app, cfg, sock, nats, [w.pid for w in workers]))
         else:
-            started = asyncio.run(_serve(app, cfg, sock, nats))
+            started = asyncio.run(_serve(app, cfg, sock, nats, [w.pid for w in workers]))
     except KeyboardInterrupt:
         started = False
     finally:
         sock.close()
         if trainer is not None:
             stop_process(trainer)
+        for w in workers:
+            stop_process(w)
         if nats is not None:
             nats.stop()
     print("bwr up: stopped", file=sys.stderr, flush=True)
