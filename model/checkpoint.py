@@ -103,11 +103,15 @@ def load_weights(
             f"{wfile}: weights do not match the config: missing {sorted(missing)[:5]},"
             f" unexpected {sorted(unexpected)[:5]}"
         )
-    for k, t in tensors.items():
-        if t.shape != expected[k].shape:
-            raise CheckpointError(
-                f"{wfile}: {k} has shape {tuple(t.shape)}, config wants {tuple(expected[k].shape)}"
-            )
+    wrong = [  # in the model's own order, so the message does not depend on the file's
+        f"{k} has shape {tuple(tensors[k].shape)}, config wants {tuple(e.shape)}"
+        for k, e in expected.items()
+        if tensors[k].shape != e.shape
+    ]
+    if wrong:
+        raise CheckpointError(
+            f"{wfile}: {len(wrong)} tensors do not fit the config: " + "; ".join(wrong[:3])
+        )
     return {k: t.float() for k, t in tensors.items()}
 
 
