@@ -235,6 +235,11 @@ def build_parser() -> argparse.ArgumentParser:
         "--decode-dtype", choices=["float32", "bfloat16"], default="float32", help="GPU decode"
     )
     upp.add_argument(
+        "--no-gc-tuning",
+        action="store_true",
+        help="keep CPython's collector defaults (less memory held, more host time per step)",
+    )
+    upp.add_argument(
         "--no-memory",
         action="store_true",
         help="no memory consolidation, snapshots or resume after a restart (they need NATS)",
@@ -320,6 +325,7 @@ def _up(args: argparse.Namespace) -> int:
             stream_interval=args.stream_interval,
             compile=args.compile,
             decode_dtype=args.decode_dtype,
+            gc_tuning=not args.no_gc_tuning,
         )
     except ValueError as e:
         print(f"bwr up: {e}", file=sys.stderr)

@@ -67,6 +67,7 @@ class GatewayConfig:
     stream_interval: int = 1  # output bytes a session's consumer waits for (EngineConfig's)
     compile: bool = False  # torch.compile the decode step (on a GPU, before graph capture)
     decode_dtype: str = "float32"  # GPU decode weights: float32 or bfloat16
+    gc_tuning: bool = True  # engine.gctune.tune_for_serving() once the model is loaded
 
     def __post_init__(self) -> None:
         if not 0 <= self.port <= 65535:

@@ -332,9 +332,10 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
             hooks = Hooks(persistence=plugin)
             engine_config = replace(engine_config, memory_capacity=plugin.capacity)
         app = create_app(cfg, model, engine_config, hooks=hooks, info=info)
-        from engine.gctune import tune_for_serving
+        if cfg.gc_tuning:  # the model and modules are loaded: freeze them, collect young less
+            from engine.gctune import tune_for_serving
 
-        tune_for_serving()  # the model and modules are loaded: freeze them, collect young less
+            tune_for_serving()
         if use_uvloop:
             import uvloop
 
