@@ -6,7 +6,10 @@ object the live sessions hold: measured, that was 40% of the engine's host time 
 sessions (benchmarks/host_bench.py). A server calls `tune_for_serving()` once, after loading its
 model: what is alive then (modules, weights, the engine) moves to the permanent generation and is
 never walked again, and generation 0 waits for more allocations before it collects. Cycles are
-still collected. A library never calls this on its own: it changes the whole process.
+still collected, later: the price is memory held between collections (measured with the same
+bench at 1,024 sessions: peak RSS 424 MiB against 360 with CPython's defaults, a fixed step, not
+growth). `bwr up --no-gc-tuning` keeps the defaults. A library never calls this on its own: it
+changes the whole process.
 """
 
 from __future__ import annotations
