@@ -65,6 +65,9 @@ class MemoryHooks(Protocol):
         """New memory versions ready to install (the engine installs them before the next step)."""
         ...
 
+    def forget(self, session: str) -> None:
+        """The session closed: drop what is kept for it (its jobs in flight may still finish)."""
+
 
 @dataclass(frozen=True)
 class SessionSnapshot:
@@ -280,6 +283,8 @@ class Engine:
         self._clocks.pop(session.id, None)
         self._unscheduled.discard(session.id)
         self.memory_versions.pop(session.id, None)
+        if self.hooks is not None:
+            self.hooks.forget(session.id)
         self.metrics.sessions = len(self.sessions)
         self._wake.set()
 

@@ -190,9 +190,7 @@ async def run_case(
         cell.seconds += elapsed + time.perf_counter() - t0
         return scored
     finally:
-        await session.close()
-        if plugin is not None and plugin.hooks is not None:
-            plugin.hooks.forget(sid)
+        await session.close()  # the engine tells the memory hooks to forget the session
 
 
 # ----- a sweep -----

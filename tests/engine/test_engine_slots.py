@@ -20,6 +20,7 @@ class FakeMemory:
     def __init__(self) -> None:
         self.segments: list[tuple[str, int, int, Tensor]] = []
         self.ready: list[MemoryUpdate] = []
+        self.forgotten: list[str] = []
 
     def segment_closed(self, session: str, index: int, start: int, hidden: Tensor) -> None:
         self.segments.append((session, index, start, hidden.clone()))
@@ -27,6 +28,9 @@ class FakeMemory:
     def take_updates(self) -> list[MemoryUpdate]:
         out, self.ready = self.ready, []
         return out
+
+    def forget(self, session: str) -> None:
+        self.forgotten.append(session)
 
 
 async def test_segments_close_with_the_models_hidden_states(model: ByteLM) -> None:
@@ -47,6 +51,9 @@ async def test_segments_close_with_the_models_hidden_states(model: ByteLM) -> No
         await until(lambda: len(hooks.segments) == (len(prompt) + len(out)) // S)
         sid = s.id
         assert engine.metrics.segments_closed == len(hooks.segments)
+        assert hooks.forgotten == []
+        await s.close()
+        assert hooks.forgotten == [sid]  # a closed session is forgotten by the memory system
     fed = torch.tensor([list(prompt + out)])
     with torch.no_grad():
         capture = model.run(fed).capture[0]  # (T, D)
