@@ -77,7 +77,10 @@ class Dist:
         )
 
     def close(self) -> None:
+        """Leave the process group. A barrier first: no rank tears down its gloo threads while
+        another still has a collective in flight with it (a rare SIGABRT at exit without it)."""
         if self.active and tdist.is_initialized():
+            tdist.barrier()
             tdist.destroy_process_group()
 
     def device(self, name: str = "auto") -> torch.device:
