@@ -17,6 +17,7 @@ from nats.js import JetStreamContext
 from nats.js.api import (
     AckPolicy,
     ConsumerConfig,
+    DeliverPolicy,
     DiscardPolicy,
     RetentionPolicy,
     StorageType,
@@ -194,6 +195,23 @@ class Bus:
     @property
     def checkpoints(self) -> ObjectStore:
         return self.store(self.config.checkpoints_bucket)
+
+    async def docs_consumer(self, name: str, ack_wait_s: float, max_ack_pending: int) -> None:
+        """Create (or update) a durable pull consumer of every document on DOCS, acked one by
+        one and redelivered without limit (the ingest worker's and the trainer's)."""
+        await self.js.add_consumer(
+            self.config.docs_stream,
+            ConsumerConfig(
+                name=name,
+                durable_name=name,
+                deliver_policy=DeliverPolicy.ALL,
+                ack_policy=AckPolicy.EXPLICIT,
+                ack_wait=ack_wait_s,
+                max_deliver=-1,
+                max_ack_pending=max_ack_pending,
+                filter_subject=f"{DOCS_PREFIX}.>",
+            ),
+        )
 
     async def publish_event(self, kind: str, payload: bytes) -> None:
         await self.nc.publish(event_subject(kind), payload)

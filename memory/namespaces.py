@@ -37,11 +37,10 @@ import nats.errors
 import torch
 from anyio.abc import TaskStatus
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 from nats.js.errors import KeyNotFoundError, KeyWrongLastSequenceError, ObjectNotFoundError
 from torch import Tensor
 
-from memory.bus import DOCS_PREFIX, Bus, check_token, session_of
+from memory.bus import Bus, check_token, session_of
 from memory.config import MemoryConfig
 from memory.ingest import parse_doc
 from memory.jobs import MemoryPointer
@@ -181,19 +180,7 @@ class IngestWorker:
 
     async def ensure_consumer(self) -> None:
         cfg = self.config
-        await self.bus.js.add_consumer(
-            self.bus.config.docs_stream,
-            ConsumerConfig(
-                name=cfg.consumer,
-                durable_name=cfg.consumer,
-                deliver_policy=DeliverPolicy.ALL,
-                ack_policy=AckPolicy.EXPLICIT,
-                ack_wait=cfg.ack_wait_s,
-                max_deliver=-1,
-                max_ack_pending=cfg.max_ack_pending,
-                filter_subject=f"{DOCS_PREFIX}.>",
-            ),
-        )
+        await self.bus.docs_consumer(cfg.consumer, cfg.ack_wait_s, cfg.max_ack_pending)
 
     async def run(self, *, task_status: TaskStatus[None] = anyio.TASK_STATUS_IGNORED) -> None:
         """Pull, prefill, commit, ack until cancelled; started once pulling."""

@@ -41,9 +41,8 @@ import nats.errors
 import orjson
 import torch
 from nats.aio.msg import Msg
-from nats.js.api import AckPolicy, ConsumerConfig, DeliverPolicy
 
-from memory.bus import DOCS_PREFIX, Bus
+from memory.bus import Bus
 from memory.config import MemoryConfig
 from memory.ingest import parse_doc
 from memory.reload import (
@@ -369,19 +368,7 @@ def _open_log(path: str, dist: Dist) -> IO[str] | None:
 
 async def ensure_consumer(bus: Bus, cfg: TrainerConfig) -> None:
     """Create (or update) the durable pull consumer the trainer reads DOCS through."""
-    await bus.js.add_consumer(
-        bus.config.docs_stream,
-        ConsumerConfig(
-            name=cfg.consumer,
-            durable_name=cfg.consumer,
-            deliver_policy=DeliverPolicy.ALL,
-            ack_policy=AckPolicy.EXPLICIT,
-            ack_wait=cfg.ack_wait_s,
-            max_deliver=-1,
-            max_ack_pending=cfg.max_ack_pending,
-            filter_subject=f"{DOCS_PREFIX}.>",
-        ),
-    )
+    await bus.docs_consumer(cfg.consumer, cfg.ack_wait_s, cfg.max_ack_pending)
 
 
 async def resume(bus: Bus, device: torch.device) -> tuple[ByteLM, dict[str, Any]] | None:
