@@ -75,6 +75,9 @@ class Runner:
         # inside the decode step (graph-safe), read only by the inspector.
         self.picks: Tensor | None = None
         self.picks_at = torch.full((rows,), -1, dtype=torch.long, device=dev)
+        # A slot's last read as it was made, kept when a new memory version is installed (the
+        # picks index the old layout) until the slot decodes again.
+        self._read_log: dict[int, dict[str, object]] = {}
         if M and self.reads:
             read = next(iter(self.reads.values()))
             k = min(read.topk, M + 1)
@@ -115,6 +118,7 @@ class Runner:
         if self.picks is not None:
             self.picks[slot] = -1
             self.picks_at[slot] = -1
+            self._read_log.pop(slot, None)
         if self.seg_buf is not None:
             self.seg_buf[slot].zero_()
 
@@ -134,6 +138,11 @@ class Runner:
         """Switch a slot to a new memory version (between steps). memory has batch 1; written (M,)
         holds the segment index each slot was written at (ages are computed per step)."""
         assert self.memory is not None, "memory is off (memory_capacity 0)"
+        if self.picks is not None:  # read in the layout it was made in, before it changes
+            made = self.last_read(slot)
+            if made is not None and int(self.picks_at[slot]) >= 0:
+                self._read_log[slot] = {**made, "earlier_version": True}
+            self.picks_at[slot] = -1
         M = self.memory.size
         n = min(M, memory.size)
         self.memory.mask[slot] = False
@@ -318,12 +327,23 @@ class Runner:
         level counted from the newest slot (0), and how many heads picked it; and how many heads
         picked the null slot.
         Picks of empty slots (top-k wider than the memory) weigh nothing and are left out.
+        After a new memory version is installed and before the slot decodes again, the read
+        made in the earlier version is returned as it was, marked `earlier_version`.
         None when memory is off."""
         if self.picks is None or self.memory is None:
             return None
         at = int(self.picks_at[slot])
+        if at < 0 and slot in self._read_log:
+            return self._read_log[slot]
         blocks, heads, k = self.picks.shape[1:]
-        out: dict[str, object] = {"at": at, "heads": blocks * heads, "k": k, "null": 0, "slots": []}
+        out: dict[str, object] = {
+            "at": at,
+            "heads": blocks * heads,
+            "k": k,
+            "null": 0,
+            "slots": [],
+            "earlier_version": False,
+        }
         if at < 0:
             return out
         level = self.memory.level[slot].tolist()

@@ -285,6 +285,7 @@ def document(version: str) -> Schema:
                                         "k": INT,
                                         "null": INT,
                                         "slots": {"type": "array", "items": {"type": "object"}},
+                                        "earlier_version": BOOL,
                                     }
                                 ),
                             }

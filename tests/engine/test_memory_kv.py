@@ -64,6 +64,7 @@ def test_last_read_reports_the_slots_the_step_picked() -> None:
         "k": 3,
         "null": 0,
         "slots": [],
+        "earlier_version": False,
     }
     level = torch.tensor([[1, 1, 1, 2, 2, 2, 2, 1]])  # the last one is not valid
     mask = torch.tensor([[True] * 7 + [False]])
@@ -90,6 +91,14 @@ def test_last_read_reports_the_slots_the_step_picked() -> None:
     assert got is not None and got["at"] == 5 and got["null"] == null
     assert {(s["level"], s["from_newest"]): s["heads"] for s in got["slots"]} == want
     assert sum(want.values()) + null == len(picks) * cfg.read_heads * 3
+    assert got["earlier_version"] is False
+    # a new version changes the layout the picks index: the read is kept as it was made, marked
+    runner.install_memory(slot, MemorySlots(mem.slots.flip(1), level, mem.age, mask), written)
+    kept = runner.last_read(slot)
+    assert kept == {**got, "earlier_version": True}
+    runner.execute(StepPlan((), (Feed("s", slot, b"y", 6, False),), (), ()))
+    fresh = runner.last_read(slot)
+    assert fresh is not None and fresh["at"] == 6 and fresh["earlier_version"] is False
     runner.reset_slot(slot)
     assert runner.last_read(slot)["at"] == -1
 

@@ -259,14 +259,16 @@ function showLastRead(r) {
   }
   const picked = r.slots.reduce((n, s) => n + s.heads, 0);
   el.textContent = `Last read at byte ${r.at}: ${r.heads} heads took their top ${r.k} each; ` +
-    `${picked} picks fell on ${r.slots.length} memory slots (outlined), ${r.null} on the null slot.`;
+    `${picked} picks fell on ${r.slots.length} memory slots` +
+    (r.earlier_version ? " of the previous memory version (not outlined: the levels have moved since)"
+      : " (outlined)") + `, ${r.null} on the null slot.`;
 }
 
 // Per level, index from the oldest slot -> heads that picked it in the last read.
 function pickedSlots(levels) {
   const out = new Map();
   const r = state.lastRead;
-  if (!r || r.at < 0) return out;
+  if (!r || r.at < 0 || r.earlier_version) return out;
   for (const p of r.slots) {
     const l = levels.find((x) => x.level === p.level);
     if (!l) continue;
