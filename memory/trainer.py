@@ -274,7 +274,7 @@ class NatsTrainer:
         }
         if self.progress is not None:
             line = (
-                f"step {step:>7}  loss {loss:.4f}  lr {self.loop.lr():.2e}  {rate:>12,.0f} B/s"
+                f"step {step:>7}  loss {loss:.4f}  lr {report['lr']:.2e}  {rate:>12,.0f} B/s"
                 + (f"  MFU {100 * mfu:4.1f}%" if mfu else "")
                 + f"  seq {stage.seq_len}x{stage.segments}  held {len(self.held)}"
                 + f"  ckpt v{self.version}"
