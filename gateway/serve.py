@@ -15,10 +15,11 @@ import signal
 import socket
 import subprocess
 import sys
+import time
 from collections.abc import Generator, Sequence
 from dataclasses import replace
 from pathlib import Path
-from typing import Any
+from typing import IO, Any
 
 import uvicorn
 
@@ -165,6 +166,22 @@ def banner(
         lines.append(f"  memory      consolidation workers: {where}")
     lines.append(f"  auth        {'API key required' if cfg.auth else 'off (loopback only)'}")
     return "\n".join(lines)
+
+
+def read_banner(stream: IO[str], timeout_s: float) -> list[str]:
+    """What `banner` printed, read from a `bwr up` child's stdout up to its last line (`auth`);
+    fewer lines when the process ends or timeout_s passes first. For the tools and tests that
+    start `bwr up` and need its URLs."""
+    lines: list[str] = []
+    deadline = time.monotonic() + timeout_s
+    while time.monotonic() < deadline:
+        line = stream.readline()
+        if not line:
+            break
+        lines.append(line.rstrip())
+        if line.strip().startswith("auth"):
+            break
+    return lines
 
 
 async def _serve(

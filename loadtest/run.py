@@ -29,6 +29,8 @@ import time
 from pathlib import Path
 from typing import Any
 
+from gateway.serve import read_banner
+
 ROOT = Path(__file__).resolve().parent.parent
 STALL_S = 20.0  # seconds without ingest progress before run.py stops waiting for the count
 
@@ -44,15 +46,7 @@ class Up:
             cmd, stdout=subprocess.PIPE, stderr=self.log, text=True, cwd=ROOT
         )
         assert self.proc.stdout is not None
-        banner: list[str] = []
-        deadline = time.monotonic() + 90
-        while time.monotonic() < deadline:
-            line = self.proc.stdout.readline()
-            if not line:
-                break
-            banner.append(line.rstrip())
-            if line.strip().startswith("auth"):
-                break
+        banner = read_banner(self.proc.stdout, 90)
         text = "\n".join(banner)
         if "listening on" not in text:
             self.stop()

@@ -25,6 +25,7 @@ from starlette.applications import Starlette
 
 from gateway.app import Gateway, Hooks, create_app
 from gateway.config import GatewayConfig
+from gateway.serve import read_banner
 from model import ByteLM, ModelConfig
 
 TIMEOUT = 20.0  # seconds any single wait in these tests may take
@@ -160,15 +161,7 @@ def start_up(tmp: Path, *args: str, env: dict[str, str] | None = None) -> Up:
             cmd, stdout=subprocess.PIPE, stderr=log, text=True, env={**os.environ, **(env or {})}
         )
     assert proc.stdout is not None
-    banner: list[str] = []
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        line = proc.stdout.readline()
-        if not line:
-            break
-        banner.append(line.rstrip())
-        if line.strip().startswith("auth"):
-            break
+    banner = read_banner(proc.stdout, 60)
     text = "\n".join(banner)
     if "listening on" not in text:
         proc.kill()
