@@ -45,6 +45,14 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--out", dict(help="also write each checkpoint's model files under this directory")),
     ("--curriculum", dict(default="", help="e.g. 0:256x1,0.3:1024x2 (fraction:seq_len x segs)")),
     ("--grad-checkpoint", dict(action="store_true", help="recompute activations in backward")),
+    (
+        "--train-compile",
+        dict(
+            default="auto",
+            choices=["auto", "off", "blocks"],
+            help="torch.compile each mixing block for training (auto: on a GPU)",
+        ),
+    ),
     ("--peak-flops", dict(type=float, default=800e12, help="device peak bf16 FLOP/s, for MFU")),
     ("--log-every", dict(type=int, default=25)),
     ("--checkpoint-every", dict(type=int, default=200, help="steps between checkpoints")),
@@ -104,6 +112,7 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainerConfig]:
         seed=int(a("--seed")),
         log_every=int(a("--log-every")),
         grad_checkpoint=bool(a("--grad-checkpoint")),
+        compile=str(a("--train-compile")),
         curriculum=parse_curriculum(str(a("--curriculum") or "")),
         peak_flops=float(a("--peak-flops")),
     )

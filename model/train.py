@@ -50,6 +50,7 @@ class TrainConfig:
     log_every: int = 25  # steps between log lines
     time_budget_s: float = 0.0  # >0: stop by then; the schedule is fitted to the measured pace
     grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory)
+    compile: str = "auto"  # "blocks": torch.compile each mixing block; "off"; "auto": blocks on GPU
     curriculum: tuple[tuple[float, int, int], ...] = ()  # (from step fraction, seq_len, segments)
     peak_flops: float = 800e12  # one device's peak bf16 FLOP/s for MFU (H100: about 800e12 here)
 
@@ -59,6 +60,8 @@ class TrainConfig:
             raise ValueError(f"curriculum {self.curriculum}: fractions ascending, in [0, 1)")
         if any(s < 2 or n < 1 for _, s, n in self.curriculum):
             raise ValueError(f"curriculum {self.curriculum}: seq_len >= 2 and segments >= 1")
+        if self.compile not in ("auto", "off", "blocks"):
+            raise ValueError(f"compile {self.compile!r}: auto, off or blocks")
 
 
 # ----- the curriculum -----
@@ -248,6 +251,24 @@ class Objective(nn.Module):
         return sequence_loss(self.model, batch, segments, lag)
 
 
+def compile_blocks(model: ByteLM, backend: str = "inductor") -> Callable[[], None]:
+    """torch.compile each mixing block in place (regional compilation: blocks of one kind share
+    their compiled code, so it compiles in about a minute where the whole objective takes many).
+    Fuses the elementwise chains around the recurrences: on an H100, base trains 2x faster and
+    needs 40% less memory (docs/BENCHMARKS.md). -> a function undoing it."""
+    from model.lm import MixBlock
+
+    blocks = [b for b in model.blocks if isinstance(b, MixBlock)]
+    for block in blocks:
+        block.compile(backend=backend)
+
+    def undo() -> None:
+        for block in blocks:
+            block._compiled_call_impl = None
+
+    return undo
+
+
 def enable_grad_checkpointing(model: ByteLM) -> Callable[[], None]:
     """Recompute each block's activations during backward instead of keeping them (training with
     grad enabled only; eval, prefill and decode run the blocks as they are). Results are the same;
@@ -302,6 +323,8 @@ class TrainLoop:
         self.horizon = cfg.steps  # steps the cosine spans (a time budget refits it)
         self.bytes = 0  # bytes trained on, over all ranks
         self._undo = enable_grad_checkpointing(model) if cfg.grad_checkpoint else None
+        compiled = cfg.compile == "blocks" or (cfg.compile == "auto" and self.device.type == "cuda")
+        self._uncompile = compile_blocks(model) if compiled else None
         self.objective = self.dist.wrap(Objective(model))
         embed = model.embed.weight.numel()
         self.flops_per_byte = 6 * (model.num_parameters() - embed)  # 6N: forward and backward
@@ -364,6 +387,9 @@ class TrainLoop:
         if self._undo is not None:
             self._undo()
             self._undo = None
+        if self._uncompile is not None:
+            self._uncompile()
+            self._uncompile = None
 
 
 def train(

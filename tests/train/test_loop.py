@@ -18,6 +18,7 @@ from model.train import (
     Packer,
     TrainConfig,
     TrainLoop,
+    compile_blocks,
     curriculum_batches,
     enable_grad_checkpointing,
     pack,
@@ -104,6 +105,34 @@ def test_grad_checkpointing_changes_no_number(micro_model: ByteLM) -> None:
     assert "forward" not in vars(twin.blocks[0])
     with torch.no_grad():
         torch.testing.assert_close(twin(batch), micro_model(batch), rtol=0, atol=0)
+
+
+@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's own, while it inspects tensors
+def test_compiled_blocks_change_no_number(micro_model: ByteLM) -> None:
+    """Regional compilation (the trainer's default on a GPU) traces every mixing block, forward
+    and backward, and computes the same loss and gradients; undo restores the eager blocks.
+    aot_eager keeps the test fast: it runs dynamo and AOTAutograd, the parts that could break."""
+    batch = torch.randint(0, 256, (2, 97))
+    twin = copy.deepcopy(micro_model)
+    undo = compile_blocks(twin, backend="aot_eager")
+    assert all(b._compiled_call_impl is not None for b in twin.blocks if hasattr(b, "mixer"))
+    losses = []
+    for m in (micro_model, twin):
+        m.train()
+        loss = sequence_loss(m, batch, segments=3, lag=1)
+        loss.backward()
+        losses.append(loss.detach())
+    torch.testing.assert_close(losses[0], losses[1], rtol=1e-5, atol=1e-6)
+    for (name, a), b in zip(micro_model.named_parameters(), twin.parameters(), strict=True):
+        assert (a.grad is None) == (b.grad is None), name
+        if a.grad is not None:
+            torch.testing.assert_close(a.grad, b.grad, rtol=1e-4, atol=1e-6, msg=name)
+    undo()
+    assert all(b._compiled_call_impl is None for b in twin.blocks)
+    loop = TrainLoop(copy.deepcopy(micro_model), TrainConfig(compile="auto"))
+    assert loop._uncompile is None  # auto compiles on a GPU only
+    with pytest.raises(ValueError, match="compile"):
+        TrainConfig(compile="everything")
 
 
 def test_pad_targets_carry_no_loss(micro_model: ByteLM) -> None:

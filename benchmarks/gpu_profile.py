@@ -1,0 +1,127 @@
+"""Where a decode step's device time goes: `python -m benchmarks.gpu_profile --batches 1,1024`.
+
+For each batch size, builds the runner as the decode grid does (compile + CUDA graphs, float32
+or bfloat16 weights), then profiles the step function (the compiled function the graph captures,
+launched directly so the profiler sees each kernel) over a few steps and prints, per kernel name,
+calls per step, device microseconds per step and share of the step; also kernels per step and
+the replay time of the captured graph. Beside it, the floor a step cannot beat: the bytes it must
+move (recurrent state read and written, weights read once) over the device's bandwidth.
+
+Needs only torch: it runs on a bare GPU machine.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import time
+from collections import defaultdict
+from pathlib import Path
+from typing import Any
+
+import torch
+from torch.profiler import ProfilerActivity, profile
+
+from benchmarks.engine_bench import _replay_ms, load_model
+from engine.config import EngineConfig
+from engine.runner import Runner
+from engine.scheduler import Feed, StepPlan
+
+
+def profile_batch(model: Any, batch: int, dtype: str, steps: int, top: int) -> dict[str, Any]:
+    cfg = EngineConfig(max_slots=batch, device="cuda", compile=True, decode_dtype=dtype)
+    runner = Runner(model, cfg)
+    feeds = tuple(Feed(f"s{i}", i, b"a", 1000, True) for i in range(batch))
+    plan = StepPlan((), feeds, (), ())
+    for _ in range(5):
+        runner.execute(plan)  # compile and capture
+    torch.cuda.synchronize()
+    rows = runner._rows(feeds).to("cuda")
+    for _ in range(3):
+        runner._decode_fn(rows)
+    torch.cuda.synchronize()
+    with profile(activities=[ProfilerActivity.CUDA]) as prof:
+        for _ in range(steps):
+            runner._decode_fn(rows)
+        torch.cuda.synchronize()
+    per: dict[str, list[float]] = defaultdict(lambda: [0, 0.0])
+    for ev in prof.events():
+        if ev.device_type == torch.autograd.DeviceType.CUDA:
+            p = per[ev.name]
+            p[0] += 1
+            p[1] += ev.device_time_total if hasattr(ev, "device_time_total") else ev.cuda_time
+    total = sum(v[1] for v in per.values()) / steps
+    kernels = sum(v[0] for v in per.values()) / steps
+    table = sorted(
+        (
+            {
+                "kernel": k[:90],
+                "calls": v[0] / steps,
+                "us": v[1] / steps,
+                "share": v[1] / steps / total,
+            }
+            for k, v in per.items()
+        ),
+        key=lambda r: -r["us"],
+    )
+    replay = _replay_ms(runner, batch)
+    t0 = time.perf_counter()
+    for _ in range(20):
+        runner.execute(plan)
+    step_ms = (time.perf_counter() - t0) / 20 * 1e3
+    state_bytes = model.state_bytes_per_row() * batch
+    weight_bytes = sum(
+        p.numel() * (2 if dtype == "bfloat16" and p.dim() == 2 else 4) for p in model.parameters()
+    )
+    bw = 3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12
+    floor_us = (2 * state_bytes + weight_bytes) / bw * 1e6
+    print(
+        f"\nbatch {batch} ({dtype}): {kernels:.0f} kernels/step, kernel time {total:.0f} us/step, "
+        f"replay {replay * 1e3:.0f} us, step {step_ms * 1e3:.0f} us, bandwidth floor {floor_us:.0f} us"
+    )
+    print(f"{'kernel':<90} {'calls':>6} {'us':>8} {'share':>6}")
+    for r in table[:top]:
+        print(f"{r['kernel']:<90} {r['calls']:>6.1f} {r['us']:>8.1f} {100 * r['share']:>5.1f}%")
+    del runner
+    torch.cuda.empty_cache()
+    return {
+        "batch": batch,
+        "dtype": dtype,
+        "kernels_per_step": kernels,
+        "kernel_us": total,
+        "replay_us": replay * 1e3 if replay else None,
+        "step_us": step_ms * 1e3,
+        "floor_us": floor_us,
+        "table": table[:60],
+    }
+
+
+def main() -> int:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--model", default="base")
+    p.add_argument("--batches", default="1,256,1024")
+    p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--steps", type=int, default=10)
+    p.add_argument("--top", type=int, default=25)
+    p.add_argument("--json", type=Path)
+    args = p.parse_args()
+    torch.set_float32_matmul_precision("high")
+    model = load_model(args.model, "cuda")
+    out = {
+        "bench": "engine.profile",
+        "model": args.model,
+        "gpu": torch.cuda.get_device_name(),
+        "torch": torch.__version__,
+        "date": time.strftime("%Y-%m-%d"),
+        "points": [
+            profile_batch(model, int(b), args.dtype, args.steps, args.top)
+            for b in args.batches.split(",")
+        ],
+    }
+    if args.json:
+        args.json.write_text(json.dumps(out, indent=2))
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
