@@ -158,28 +158,22 @@ class DeltaMixer(nn.Module):
         key: str = "",
     ) -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
-        x (B, D) -> y (B, D). Fused on the GPU (one pass over S, one matmul for all input
-        projections from the decode cache), eager elsewhere."""
+        x (B, D) -> y (B, D). Fused on the GPU (one matmul for all input projections from the
+        decode cache, then the conv, the delta rule, the norm and the gate in one kernel, one pass
+        over S), eager elsewhere."""
         if slots is None or cache is None or not kernels.available(x):
             cur = {k: v if slots is None else v.index_select(0, slots) for k, v in pool.items()}
             y, new = self.step(x, cur)
             for k, v in pool.items():
                 v.copy_(new[k]) if slots is None else v.index_copy_(0, slots, new[k])
             return y
-        D, H = x.shape[-1], self.heads
-        z = linear(x, cache[key + "in"], cache[key + "in_bias"])
-        qkv, a_logit, b_logit, gate = z.split([3 * D, H, H, D], dim=-1)
-        qkv, conv = self.short.step(qkv, pool["conv"].index_select(0, slots))
-        pool["conv"].index_copy_(0, slots, conv)
-        q, k, v = F.silu(qkv).chunk(3, dim=-1)
-        shape = (x.shape[0], H, self.head_dim)
-        q = F.normalize(q.reshape(shape), dim=-1).contiguous()
-        k = F.normalize(k.reshape(shape), dim=-1).contiguous()
-        a = torch.sigmoid(a_logit).contiguous()
-        b = torch.sigmoid(b_logit).contiguous()
-        o = kernels.delta_step(q, k, v.reshape(shape).contiguous(), a, b, pool["S"], slots)
-        o = self.out_norm(o).flatten(-2)
-        return linear(o * F.silu(gate), cache[key + "out"])
+        w = cache[key + "in"]
+        z = F.linear(x.to(w.dtype), w)  # (B, 4D + 2H): q, k, v, decay and write logits, gate
+        o = kernels.delta_step(
+            z, cache[key + "in_bias"], self.short.weight, self.short.bias, pool["conv"],
+            pool["S"], self.out_norm.weight, self.out_norm.eps, slots,
+        )  # fmt: skip
+        return linear(o, cache[key + "out"])
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Recurrent form. x (B, D) -> y (B, D) and the next state."""

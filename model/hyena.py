@@ -163,22 +163,22 @@ class HyenaMixer(nn.Module):
         key: str = "",
     ) -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
-        x (B, D) -> y (B, D). Fused on the GPU (one pass over the modal state, weights from the
-        decode cache), eager elsewhere."""
+        x (B, D) -> y (B, D). Fused on the GPU (the conv, the modal recurrence and the gate in one
+        kernel, one pass over the states; weights from the decode cache), eager elsewhere."""
         if slots is None or cache is None or not kernels.available(x):
             cur = {k: v if slots is None else v.index_select(0, slots) for k, v in pool.items()}
             y, new = self.step(x, cur)
             for k, v in pool.items():
                 v.copy_(new[k]) if slots is None else v.index_copy_(0, slots, new[k])
             return y
-        z = linear(x, cache[key + "in"])
-        z, conv = self.short.step(z, pool["conv"].index_select(0, slots))
-        pool["conv"].index_copy_(0, slots, conv)
-        x1, x2, v = z.chunk(3, dim=-1)
-        u = (x1 * v).contiguous()
+        w = cache[key + "in"]
+        z = F.linear(x.to(w.dtype), w)  # (B, 3D) in the decode weights' dtype
         l_re, l_im, r_re, r_im = cache[key + "poles"].unbind(0)
-        y = kernels.modal_step(u, l_re, l_im, r_re, r_im, pool["s_re"], pool["s_im"], slots)
-        return linear(x2 * (y + self.skip * u), cache[key + "out"])
+        y = kernels.hyena_step(
+            z, self.short.weight, self.short.bias, pool["conv"], l_re, l_im, r_re, r_im,
+            pool["s_re"], pool["s_im"], self.skip, slots,
+        )  # fmt: skip
+        return linear(y, cache[key + "out"])
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Recurrent form. x (B, D) -> y (B, D) and the next state."""

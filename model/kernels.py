@@ -1,14 +1,22 @@
-"""Fused decode kernels (Triton, CUDA only) for the two recurrences, updating the state pool in
-place.
+"""Fused decode kernels (Triton, CUDA only): each mixer's whole recurrent step between its input
+and output projections, updating the state pool in place.
 
-Each kernel reads one slot's state straight from the pool (indexed by the slot tensor), applies
-one byte's update and writes it back: one read and one write of the state per step, where the
-eager path gathers, computes in several passes and scatters. They are registered as torch
-library ops so torch.compile traces through them. The eager recurrences in hyena.py and
-delta.py are the reference; benchmarks/gpu_checks.py holds the two equal on the device.
+- hyena_step: the short causal conv of the three branches, u = x1 * v, the modal recurrence
+  s = lambda s + u, y = Re(R . s), and the gate x2 * (y + skip u);
+- delta_step: the short conv of q, k, v, SiLU, L2-normalised q and k, the decay and write
+  strength (sigmoids of their logits), the gated delta rule S = a S + b (v - a S k) k^T,
+  o = S q, the per-head RMSNorm and the SiLU output gate.
 
-Shapes: B rows this step, P pool rows, D channels, N modes, H heads, dk = dv head width.
-Without Triton or a GPU, `available()` is False and callers use the eager path.
+Each program reads one slot's states straight from the pool (indexed by the slot tensor) and
+writes them back once: one read and one write of the state per step, and one kernel per mixer
+where the unfused step launches a dozen. They are registered as torch library ops so
+torch.compile traces through them. The eager steps in hyena.py and delta.py are the reference;
+benchmarks/gpu_checks.py holds them equal on the device.
+
+Shapes: B rows this step, P pool rows, D channels, N modes, H heads, dk = dv head width, K the
+short conv's width. The projections' outputs z arrive in the decode weights' dtype (float32 or
+bfloat16) and the kernels compute in float32; their outputs are in z's dtype, ready for the
+output projection. Without Triton or a GPU, `available()` is False and callers use the eager path.
 """
 
 from __future__ import annotations
@@ -32,18 +40,50 @@ def available(t: Tensor) -> bool:
 if HAVE_TRITON:
 
     @triton.jit
-    def _modal_step_kernel(
-        u_ptr,
+    def _conv_step(z_row, w_ptr, b_ptr, st_ptr, c, cmask, K1: tl.constexpr, KP: tl.constexpr):
+        """Short causal conv of channels c for one byte: returns the conv output and writes the
+        channels' new window (the last K-1 inputs) back. z_row: this row's inputs; st_ptr: this
+        slot's (C, K-1) window; w (C, K), b (C)."""
+        t = tl.arange(0, KP)
+        x = tl.load(z_row + c, mask=cmask, other=0.0).to(tl.float32)
+        win = cmask[:, None] & (t < K1)[None, :]
+        old = tl.load(st_ptr + c[:, None] * K1 + t[None, :], mask=win, other=0.0)
+        taps = tl.where((t == K1)[None, :], x[:, None], old)  # (C, KP): window then this input
+        w = tl.load(
+            w_ptr + c[:, None] * (K1 + 1) + t[None, :],
+            mask=cmask[:, None] & (t <= K1)[None, :],
+            other=0.0,
+        )
+        y = tl.sum(taps * w, axis=1) + tl.load(b_ptr + c, mask=cmask, other=0.0)
+        nxt = tl.load(  # the window shifted by one: old[t + 1], then this input last
+            st_ptr + c[:, None] * K1 + t[None, :] + 1,
+            mask=cmask[:, None] & (t + 1 < K1)[None, :],
+            other=0.0,
+        )
+        nxt = tl.where((t == K1 - 1)[None, :], x[:, None], nxt)
+        tl.debug_barrier()  # every read of the window before it is overwritten
+        tl.store(st_ptr + c[:, None] * K1 + t[None, :], nxt, mask=win)
+        return y
+
+    @triton.jit
+    def _hyena_step_kernel(
+        z_ptr,
+        cw_ptr,
+        cb_ptr,
+        conv_ptr,
         lre_ptr,
         lim_ptr,
         rre_ptr,
         rim_ptr,
         sre_ptr,
         sim_ptr,
+        skip_ptr,
         slots_ptr,
         y_ptr,
         D,
         N,
+        K1: tl.constexpr,
+        KP: tl.constexpr,
         NP: tl.constexpr,
         BLOCK_D: tl.constexpr,
     ):
@@ -51,8 +91,14 @@ if HAVE_TRITON:
         d0 = tl.program_id(1) * BLOCK_D
         slot = tl.load(slots_ptr + b).to(tl.int64)
         d = d0 + tl.arange(0, BLOCK_D)
-        n = tl.arange(0, NP)
         dmask = d < D
+        z_row = z_ptr + b * 3 * D
+        st = conv_ptr + slot * 3 * D * K1
+        x1 = _conv_step(z_row, cw_ptr, cb_ptr, st, d, dmask, K1, KP)
+        x2 = _conv_step(z_row, cw_ptr, cb_ptr, st, D + d, dmask, K1, KP)
+        v = _conv_step(z_row, cw_ptr, cb_ptr, st, 2 * D + d, dmask, K1, KP)
+        u = x1 * v
+        n = tl.arange(0, NP)
         mask = dmask[:, None] & (n < N)[None, :]
         dn = d[:, None] * N + n[None, :]  # (BLOCK_D, N) offsets into (D, N)
         s_off = slot * D * N + dn
@@ -62,111 +108,120 @@ if HAVE_TRITON:
         l_im = tl.load(lim_ptr + dn, mask=mask, other=0.0)
         r_re = tl.load(rre_ptr + dn, mask=mask, other=0.0)
         r_im = tl.load(rim_ptr + dn, mask=mask, other=0.0)
-        u = tl.load(u_ptr + b * D + d, mask=dmask, other=0.0)
         n_re = l_re * s_re - l_im * s_im + u[:, None]
         n_im = l_re * s_im + l_im * s_re
         tl.store(sre_ptr + s_off, n_re, mask=mask)
         tl.store(sim_ptr + s_off, n_im, mask=mask)
         y = tl.sum(r_re * n_re - r_im * n_im, axis=1)
-        tl.store(y_ptr + b * D + d, y, mask=dmask)
+        skip = tl.load(skip_ptr + d, mask=dmask, other=0.0)
+        out = x2 * (y + skip * u)
+        tl.store(y_ptr + b * D + d, out.to(y_ptr.dtype.element_ty), mask=dmask)
 
     @triton.jit
     def _delta_step_kernel(
-        q_ptr,
-        k_ptr,
-        v_ptr,
-        a_ptr,
-        beta_ptr,
+        z_ptr,
+        bias_ptr,
+        cw_ptr,
+        cb_ptr,
+        conv_ptr,
         S_ptr,
+        nw_ptr,
         slots_ptr,
         o_ptr,
+        eps,
         H,
-        DV,
         DK,
-        DVP: tl.constexpr,
         DKP: tl.constexpr,
+        K1: tl.constexpr,
+        KP: tl.constexpr,
     ):
         b = tl.program_id(0)
         h = tl.program_id(1)
+        D = H * DK
         slot = tl.load(slots_ptr + b).to(tl.int64)
-        i = tl.arange(0, DVP)
-        j = tl.arange(0, DKP)
-        im, jm = i < DV, j < DK
-        mask = im[:, None] & jm[None, :]
-        row = b * H + h
-        k = tl.load(k_ptr + row * DK + j, mask=jm, other=0.0)
-        q = tl.load(q_ptr + row * DK + j, mask=jm, other=0.0)
-        v = tl.load(v_ptr + row * DV + i, mask=im, other=0.0)
-        a = tl.load(a_ptr + row)
-        beta = tl.load(beta_ptr + row)
-        s_off = (slot * H + h) * DV * DK + i[:, None] * DK + j[None, :]
-        S = tl.load(S_ptr + s_off, mask=mask, other=0.0)  # (DV, DK)
+        i = tl.arange(0, DKP)  # value rows of S
+        j = tl.arange(0, DKP)  # key columns of S
+        im, jm = i < DK, j < DK
+        z_row = z_ptr + b * (4 * D + 2 * H)  # qkv (3D), decay and write logits (2H), gate (D)
+        st = conv_ptr + slot * 3 * D * K1
+        q = _conv_step(z_row, cw_ptr, cb_ptr, st, h * DK + j, jm, K1, KP)
+        k = _conv_step(z_row, cw_ptr, cb_ptr, st, D + h * DK + j, jm, K1, KP)
+        v = _conv_step(z_row, cw_ptr, cb_ptr, st, 2 * D + h * DK + i, im, K1, KP)
+        q = q * tl.sigmoid(q)
+        k = k * tl.sigmoid(k)
+        v = v * tl.sigmoid(v)
+        q = q / tl.maximum(tl.sqrt(tl.sum(q * q, axis=0)), 1e-12)
+        k = k / tl.maximum(tl.sqrt(tl.sum(k * k, axis=0)), 1e-12)
+        a = tl.sigmoid(tl.load(z_row + 3 * D + h).to(tl.float32) + tl.load(bias_ptr + 3 * D + h))
+        beta = tl.sigmoid(
+            tl.load(z_row + 3 * D + H + h).to(tl.float32) + tl.load(bias_ptr + 3 * D + H + h)
+        )
+        s_off = (slot * H + h) * DK * DK + i[:, None] * DK + j[None, :]
+        smask = im[:, None] & jm[None, :]
+        S = tl.load(S_ptr + s_off, mask=smask, other=0.0)  # (dv, dk)
         Sk = tl.sum(S * k[None, :], axis=1)
         w = beta * (v - a * Sk)
         S = a * S + w[:, None] * k[None, :]
-        tl.store(S_ptr + s_off, S, mask=mask)
+        tl.store(S_ptr + s_off, S, mask=smask)
         o = tl.sum(S * q[None, :], axis=1)
-        tl.store(o_ptr + row * DV + i, o, mask=im)
+        o = o * tl.rsqrt(tl.sum(o * o, axis=0) / DK + eps) * tl.load(nw_ptr + i, mask=im, other=0.0)
+        g = tl.load(z_row + 3 * D + 2 * H + h * DK + i, mask=im, other=0.0).to(tl.float32)
+        o = o * (g * tl.sigmoid(g))
+        tl.store(o_ptr + b * D + h * DK + i, o.to(o_ptr.dtype.element_ty), mask=im)
 
-    @torch.library.triton_op("bwr::modal_step", mutates_args={"s_re", "s_im"})
-    def modal_step(
-        u: Tensor,
+    @torch.library.triton_op("bwr::hyena_step", mutates_args={"conv", "s_re", "s_im"})
+    def hyena_step(
+        z: Tensor,
+        conv_w: Tensor,
+        conv_b: Tensor,
+        conv: Tensor,
         l_re: Tensor,
         l_im: Tensor,
         r_re: Tensor,
         r_im: Tensor,
         s_re: Tensor,
         s_im: Tensor,
+        skip: Tensor,
         slots: Tensor,
     ) -> Tensor:
-        """u (B, D); l_*, r_* (D, N); s_re, s_im (P, D, N) pool, updated at rows slots (B,)
-        -> y (B, D)."""
-        B, D = u.shape
+        """z (B, 3D) the input projection; conv_w (3D, K), conv_b (3D); conv (P, 3D, K-1),
+        s_re, s_im (P, D, N) pools, updated at rows slots (B,); l_*, r_* (D, N); skip (D)
+        -> (B, D) in z's dtype."""
+        B, D = z.shape[0], z.shape[1] // 3
         N = l_re.shape[1]
+        K = conv_w.shape[1]
         NP = triton.next_power_of_2(N)
-        y = torch.empty_like(u)
+        y = torch.empty(B, D, dtype=z.dtype, device=z.device)
         block = max(1, min(128, 4096 // NP))
         grid = (B, triton.cdiv(D, block))
-        torch.library.wrap_triton(_modal_step_kernel)[grid](
-            u,
-            l_re,
-            l_im,
-            r_re,
-            r_im,
-            s_re,
-            s_im,
-            slots,
-            y,
-            D,
-            N,
-            NP=NP,
-            BLOCK_D=block,
-        )
+        torch.library.wrap_triton(_hyena_step_kernel)[grid](
+            z, conv_w, conv_b, conv, l_re, l_im, r_re, r_im, s_re, s_im, skip, slots, y, D, N,
+            K1=K - 1, KP=triton.next_power_of_2(K), NP=NP, BLOCK_D=block,
+        )  # fmt: skip
         return y
 
-    @torch.library.triton_op("bwr::delta_step", mutates_args={"S"})
+    @torch.library.triton_op("bwr::delta_step", mutates_args={"conv", "S"})
     def delta_step(
-        q: Tensor, k: Tensor, v: Tensor, a: Tensor, beta: Tensor, S: Tensor, slots: Tensor
+        z: Tensor,
+        bias: Tensor,
+        conv_w: Tensor,
+        conv_b: Tensor,
+        conv: Tensor,
+        S: Tensor,
+        norm_w: Tensor,
+        eps: float,
+        slots: Tensor,
     ) -> Tensor:
-        """q, k (B, H, dk); v (B, H, dv); a, beta (B, H); S (P, H, dv, dk) pool, updated at rows
-        slots (B,) -> o (B, H, dv)."""
-        B, H, DK = k.shape
-        DV = v.shape[-1]
-        o = torch.empty_like(v)
+        """z (B, 4D + 2H) the merged input projections (q, k, v; decay and write logits; gate),
+        bias (4D + 2H); conv_w (3D, K), conv_b (3D); conv (P, 3D, K-1) and S (P, H, dv, dk)
+        pools, updated at rows slots (B,); norm_w (dv) -> (B, D) in z's dtype."""
+        B = z.shape[0]
+        H, dv, dk = S.shape[1], S.shape[2], S.shape[3]
+        assert dv == dk, "the delta rule's heads are square"
+        K = conv_w.shape[1]
+        o = torch.empty(B, H * dv, dtype=z.dtype, device=z.device)
         torch.library.wrap_triton(_delta_step_kernel)[(B, H)](
-            q,
-            k,
-            v,
-            a,
-            beta,
-            S,
-            slots,
-            o,
-            H,
-            DV,
-            DK,
-            DVP=triton.next_power_of_2(DV),
-            DKP=triton.next_power_of_2(DK),
-            num_warps=4,
-        )
+            z, bias, conv_w, conv_b, conv, S, norm_w, slots, o, eps, H,
+            dk, DKP=triton.next_power_of_2(dk), K1=K - 1, KP=triton.next_power_of_2(K), num_warps=4,
+        )  # fmt: skip
         return o
