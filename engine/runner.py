@@ -7,6 +7,11 @@ and the buffer of captured hidden states of its open segment. A step is: zero ne
 one batched recurrent step for every one-byte feed (a CUDA graph per batch bucket on a GPU, the
 same function eagerly elsewhere), the parallel form for prefill chunks, then one sampling pass
 and one host sync for the sampled bytes.
+
+Work for the next step is queued before that sync, behind this step's on the device: the memory
+keys/values of slots whose next byte enters a new segment, and the copies of closed segments. On
+a GPU the sync waits on an event recorded after the sampled ids, so it waits for neither; the
+host launches that work while the device still runs the step.
 """
 
 from __future__ import annotations
@@ -71,6 +76,8 @@ class Runner:
                     torch.zeros(rows, M + 1, dtype=torch.bool, device=dev),
                 )
         self.kv_segment = [-1] * rows  # segment whose ages each slot's keys/values hold (-1: stale)
+        self.next_at = [-1] * rows  # context offset of each slot's next byte (-1: not known)
+        self.refreshed = 0  # slots whose keys/values the last step computed before its decode
         # What each slot's last decoded byte read: per read block and head, the memory slots it
         # picked (-1: the null slot), and the context offset of that byte (-1: none yet). Written
         # inside the decode step (graph-safe), read only by the inspector.
@@ -93,6 +100,12 @@ class Runner:
         dtype = torch.bfloat16 if cfg.decode_dtype == "bfloat16" else torch.float32
         self.cache = build_decode_cache(self.model, dtype) if self.device.type == "cuda" else None
         self._host_rows = torch.zeros(4, cfg.max_slots, dtype=torch.long)  # see _rows
+        # The step's sampled ids land in pinned memory; an event after them is the step's sync.
+        self._ids_host: Tensor | None = None
+        self._ids_ready: torch.cuda.Event | None = None
+        if self.device.type == "cuda":
+            self._ids_host = torch.zeros(rows, dtype=torch.long).pin_memory()
+            self._ids_ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
         self.graphs: DecodeGraphs | None = None
         decode_fn: Callable[[Tensor], Tensor] = self._decode_rows
         if cfg.compile:
@@ -116,6 +129,7 @@ class Runner:
         if self.memory is not None:
             self.memory.mask[slot] = False
             self.kv_segment[slot] = -1
+        self.next_at[slot] = -1
         if self.picks is not None:
             self.picks[slot] = -1
             self.picks_at[slot] = -1
@@ -137,7 +151,11 @@ class Runner:
 
     def install_memory(self, slot: int, memory: MemorySlots, written: Tensor) -> None:
         """Switch a slot to a new memory version (between steps). memory has batch 1; written (M,)
-        holds the segment index each slot was written at (ages are computed per step)."""
+        holds the segment index each slot was written at (ages are computed per step).
+
+        Two host-to-device copies (the slots; level, mask and written packed), non-blocking from
+        pinned memory on a GPU, and the slot's keys/values for its next byte when the runner knows
+        where that is: the next step then has nothing to compute for it."""
         assert self.memory is not None, "memory is off (memory_capacity 0)"
         if self.picks is not None:  # read in the layout it was made in, before it changes
             made = self.last_read(slot)
@@ -146,22 +164,37 @@ class Runner:
             self.picks_at[slot] = -1
         M = self.memory.size
         n = min(M, memory.size)
+        slots = memory.slots[0, :n]  # (n, D)
+        meta = torch.stack(
+            [memory.level[0, :n].long(), memory.mask[0, :n].long(), written[:n].long()]
+        )  # (3, n)
+        if self.device.type == "cuda":
+            if not slots.is_cuda:
+                slots = slots.pin_memory()
+            if not meta.is_cuda:
+                meta = meta.pin_memory()
+            slots = slots.to(self.device, non_blocking=True)
+            meta = meta.to(self.device, non_blocking=True)
         self.memory.mask[slot] = False
-        self.memory.slots[slot, :n] = memory.slots[0, :n].to(self.device)
-        self.memory.level[slot, :n] = memory.level[0, :n].to(self.device)
-        self.memory.mask[slot, :n] = memory.mask[0, :n].to(self.device)
-        self.mem_written[slot, :n] = written[:n].to(self.device)
+        self.memory.slots[slot, :n] = slots
+        self.memory.level[slot, :n] = meta[0]
+        self.memory.mask[slot, :n] = meta[1].bool()
+        self.mem_written[slot, :n] = meta[2]
         self.kv_segment[slot] = -1
+        if self.mem_kv and self.next_at[slot] >= 0:
+            self._refresh_kv([(slot, self.next_at[slot])])
 
-    def _refresh_kv(self, feeds: tuple[Feed, ...]) -> None:
-        """Recompute the memory keys/values of slots whose memory or segment changed: all of this
-        step's stale slots in one batched projection (one host-to-device copy of their indices)."""
-        stale = [f for f in feeds if self.kv_segment[f.slot] != f.start // self.S]
+    def _refresh_kv(self, reads: list[tuple[int, int]]) -> int:
+        """reads: (slot, context offset of the byte it reads at). Recompute the memory keys/values
+        of those slots whose memory or segment changed, all in one batched projection (one
+        host-to-device copy of their indices) -> how many slots were stale."""
+        S = self.S
+        stale = [(slot, at) for slot, at in reads if self.kv_segment[slot] != at // S]
         if not stale:
-            return
-        for f in stale:
-            self.kv_segment[f.slot] = f.start // self.S
-        idx = torch.tensor([[f.slot for f in stale], [f.start for f in stale]])
+            return 0
+        for slot, at in stale:
+            self.kv_segment[slot] = at // S
+        idx = torch.tensor(stale).T.contiguous()  # (2, n): slots, offsets
         if self.device.type == "cuda":
             idx = idx.pin_memory().to(self.device, non_blocking=True)
         slots, pos = idx[0], idx[1]
@@ -169,6 +202,7 @@ class Runner:
         for i, (K, V, valid) in self.mem_kv.items():
             k, v, ok = self.reads[i].memory_kv(mem, len(stale))
             K[slots], V[slots], valid[slots] = k, v, ok
+        return len(stale)
 
     def _memory_for(self, slots: Tensor, pos: Tensor) -> MemorySlots | None:
         if self.memory is None:
@@ -244,9 +278,10 @@ class Runner:
             self.reset_slot(slot)
         closed: list[ClosedSegment] = []
         parts: list[Tensor] = []
+        self.refreshed = 0
         if plan.decode:
-            if self.mem_kv:
-                self._refresh_kv(plan.decode)
+            if self.mem_kv:  # usually done by an earlier step or the install (see below)
+                self.refreshed = self._refresh_kv([(f.slot, f.start) for f in plan.decode])
             rows = self._rows(plan.decode)
             if self.graphs is not None:
                 parts.append(self.graphs.run(rows))
@@ -280,9 +315,26 @@ class Runner:
                 )
             )
             self.counter.index_add_(0, slots, torch.ones_like(slots))
-        if not parts:
+        out = torch.cat(parts) if parts else None
+        host: Tensor | None = None
+        if out is not None and self._ids_host is not None and self._ids_ready is not None:
+            if self._ids_host.shape[0] < out.shape[0]:
+                self._ids_host = torch.zeros(out.shape[0], dtype=torch.long).pin_memory()
+            host = self._ids_host[: out.shape[0]]
+            host.copy_(out, non_blocking=True)
+            self._ids_ready.record()
+        fed = (*plan.decode, *plan.prefill)
+        for f in fed:
+            self.next_at[f.slot] = f.start + len(f.data)
+        if self.mem_kv:  # the keys/values the next step reads, queued behind this step's reads
+            self._refresh_kv([(f.slot, self.next_at[f.slot]) for f in fed])
+        if out is None:
             return [], closed
-        ids = torch.cat(parts).tolist()  # sync: the one host sync of the step
+        if host is not None and self._ids_ready is not None:
+            self._ids_ready.synchronize()  # sync: the one host sync of the step (the ids only)
+            ids = host.tolist()
+        else:
+            ids = out.tolist()  # sync: the one host sync of the step
         n = len(plan.decode)
         return [v for v, f in zip(ids[:n], plan.decode, strict=True) if f.sample] + ids[n:], closed
 
