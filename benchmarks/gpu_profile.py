@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import argparse
 import json
+import statistics
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -28,8 +29,35 @@ from engine.runner import Runner
 from engine.scheduler import Feed, StepPlan
 
 
-def profile_batch(model: Any, batch: int, dtype: str, steps: int, top: int) -> dict[str, Any]:
-    cfg = EngineConfig(max_slots=batch, device="cuda", compile=True, decode_dtype=dtype)
+def host_breakdown(runner: Runner, plan: StepPlan, n: int = 50) -> dict[str, float]:
+    """Median microseconds of a step's parts: building the rows, copying them in and launching
+    the graph, waiting for the sampled ids; and one replay launched and waited for alone (the
+    device's latency for one step when nothing is pipelined)."""
+    assert runner.graphs is not None
+    parts: dict[str, list[float]] = {"rows": [], "launch": [], "wait": [], "replay+sync": []}
+    graph, _ = runner.graphs.graphs[runner.graphs.bucket(len(plan.decode))]
+    for _ in range(n):
+        t0 = time.perf_counter()
+        rows = runner._rows(plan.decode)
+        t1 = time.perf_counter()
+        out = runner.graphs.run(rows)
+        t2 = time.perf_counter()
+        out.tolist()
+        t3 = time.perf_counter()
+        graph.replay()
+        torch.cuda.synchronize()
+        t4 = time.perf_counter()
+        for k, v in zip(parts, (t1 - t0, t2 - t1, t3 - t2, t4 - t3), strict=True):
+            parts[k].append(v * 1e6)
+    return {k: statistics.median(v) for k, v in parts.items()}
+
+
+def profile_batch(
+    model: Any, batch: int, dtype: str, steps: int, top: int, mode: str = "default"
+) -> dict[str, Any]:
+    cfg = EngineConfig(
+        max_slots=batch, device="cuda", compile=True, decode_dtype=dtype, compile_mode=mode
+    )
     runner = Runner(model, cfg)
     feeds = tuple(Feed(f"s{i}", i, b"a", 1000, True) for i in range(batch))
     plan = StepPlan((), feeds, (), ())
@@ -69,6 +97,7 @@ def profile_batch(model: Any, batch: int, dtype: str, steps: int, top: int) -> d
     for _ in range(20):
         runner.execute(plan)
     step_ms = (time.perf_counter() - t0) / 20 * 1e3
+    host = host_breakdown(runner, plan)
     state_bytes = model.state_bytes_per_row() * batch
     weight_bytes = sum(
         p.numel() * (2 if dtype == "bfloat16" and p.dim() == 2 else 4) for p in model.parameters()
@@ -76,9 +105,10 @@ def profile_batch(model: Any, batch: int, dtype: str, steps: int, top: int) -> d
     bw = 3.35e12 if "H100" in torch.cuda.get_device_name() else 4.8e12
     floor_us = (2 * state_bytes + weight_bytes) / bw * 1e6
     print(
-        f"\nbatch {batch} ({dtype}): {kernels:.0f} kernels/step, kernel time {total:.0f} us/step, "
+        f"\nbatch {batch} ({dtype}, {mode}): {kernels:.0f} kernels/step, kernel time {total:.0f} us/step, "
         f"replay {replay * 1e3:.0f} us, step {step_ms * 1e3:.0f} us, bandwidth floor {floor_us:.0f} us"
     )
+    print("host, median us: " + ", ".join(f"{k} {v:.0f}" for k, v in host.items()))
     print(f"{'kernel':<90} {'calls':>6} {'us':>8} {'share':>6}")
     for r in table[:top]:
         print(f"{r['kernel']:<90} {r['calls']:>6.1f} {r['us']:>8.1f} {100 * r['share']:>5.1f}%")
@@ -87,13 +117,49 @@ def profile_batch(model: Any, batch: int, dtype: str, steps: int, top: int) -> d
     return {
         "batch": batch,
         "dtype": dtype,
+        "compile_mode": mode,
         "kernels_per_step": kernels,
         "kernel_us": total,
         "replay_us": replay * 1e3 if replay else None,
         "step_us": step_ms * 1e3,
         "floor_us": floor_us,
+        "host_us": host,
         "table": table[:60],
     }
+
+
+def sweep(model: Any, batch: int, dtype: str) -> list[dict[str, Any]]:
+    """Device time of one decode step's mixers (the model's fused step, eager launches) under each
+    launch shape of model.kernels.TUNING, at one batch size."""
+    from model import kernels
+    from model.decode_cache import build_decode_cache
+
+    cache = build_decode_cache(model, getattr(torch, dtype))
+    pool = model.allocate_state(batch)
+    slots = torch.arange(batch, device="cuda")
+    tokens = torch.randint(0, 256, (batch,), device="cuda")
+    base = dict(kernels.TUNING)
+    out = []
+    for key, values in (("delta_warps", (2, 4, 8, 16)), ("hyena_warps", (2, 4, 8)),
+                        ("hyena_channels", (32, 64, 128, 256))):  # fmt: skip
+        for v in values:
+            kernels.TUNING.update(base)
+            kernels.TUNING[key] = v
+            with torch.no_grad():
+                for _ in range(3):
+                    model.step(tokens, pool, slots, cache=cache)
+                torch.cuda.synchronize()
+                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+                e0.record()
+                for _ in range(20):
+                    model.step(tokens, pool, slots, cache=cache)
+                e1.record()
+                torch.cuda.synchronize()
+            ms = e0.elapsed_time(e1) / 20
+            out.append({"batch": batch, key: v, "step_ms": ms})
+            print(f"sweep batch {batch} {key}={v}: eager fused step {ms:.3f} ms", flush=True)
+    kernels.TUNING.update(base)
+    return out
 
 
 def main() -> int:
@@ -101,8 +167,10 @@ def main() -> int:
     p.add_argument("--model", default="base")
     p.add_argument("--batches", default="1,256,1024")
     p.add_argument("--dtype", default="bfloat16")
+    p.add_argument("--modes", default="default", help="torch.compile modes, comma-separated")
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
+    p.add_argument("--sweep", default="", help="batch sizes to sweep kernel launch shapes at")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")
@@ -114,10 +182,14 @@ def main() -> int:
         "torch": torch.__version__,
         "date": time.strftime("%Y-%m-%d"),
         "points": [
-            profile_batch(model, int(b), args.dtype, args.steps, args.top)
+            profile_batch(model, int(b), args.dtype, args.steps, args.top, mode)
+            for mode in args.modes.split(",")
             for b in args.batches.split(",")
         ],
     }
+    out["sweep"] = [
+        r for b in filter(None, args.sweep.split(",")) for r in sweep(model, int(b), args.dtype)
+    ]
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

@@ -19,6 +19,9 @@ class EngineConfig:
     device: str = "cpu"  # "cpu", "cuda", "cuda:1", ...
     cuda_graphs: bool = True  # capture decode per batch bucket (only on CUDA)
     compile: bool = False  # torch.compile the decode step before capture
+    # torch.compile's mode: "default", or "max-autotune-no-cudagraphs" (benchmarks the matmul
+    # kernels for each batch bucket: slower to start; the graphs are captured here either way)
+    compile_mode: str = "default"
     decode_dtype: str = "float32"  # matmul weights of the fused GPU decode: float32 or bfloat16
     threaded_steps: bool = True  # run each step in a worker thread so the event loop stays live
     idle_wait_s: float = 0.05  # longest sleep of an idle loop before it looks again

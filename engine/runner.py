@@ -112,8 +112,9 @@ class Runner:
             # One compiled variant per batch bucket (and per runner): past dynamo's default
             # recompile limit (8) it would silently fall back to eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
+            mode = None if cfg.compile_mode == "default" else cfg.compile_mode
             decode_fn = torch.compile(
-                decode_fn, dynamic=False
+                decode_fn, dynamic=False, mode=mode
             )  # graphs are captured by DecodeGraphs
         self._decode_fn = decode_fn
         if self.device.type == "cuda" and cfg.cuda_graphs:

@@ -37,6 +37,10 @@ def available(t: Tensor) -> bool:
     return HAVE_TRITON and t.is_cuda
 
 
+# Launch shapes (benchmarks/gpu_profile.py --sweep measures alternatives on the device).
+TUNING = {"hyena_channels": 128, "hyena_warps": 4, "delta_warps": 4}
+
+
 if HAVE_TRITON:
 
     @triton.jit
@@ -192,11 +196,12 @@ if HAVE_TRITON:
         K = conv_w.shape[1]
         NP = triton.next_power_of_2(N)
         y = torch.empty(B, D, dtype=z.dtype, device=z.device)
-        block = max(1, min(128, 4096 // NP))
+        block = max(1, min(TUNING["hyena_channels"], 4096 // NP))
         grid = (B, triton.cdiv(D, block))
         torch.library.wrap_triton(_hyena_step_kernel)[grid](
             z, conv_w, conv_b, conv, l_re, l_im, r_re, r_im, s_re, s_im, skip, slots, y, D, N,
             K1=K - 1, KP=triton.next_power_of_2(K), NP=NP, BLOCK_D=block,
+            num_warps=TUNING["hyena_warps"],
         )  # fmt: skip
         return y
 
@@ -222,6 +227,7 @@ if HAVE_TRITON:
         o = torch.empty(B, H * dv, dtype=z.dtype, device=z.device)
         torch.library.wrap_triton(_delta_step_kernel)[(B, H)](
             z, bias, conv_w, conv_b, conv, S, norm_w, slots, o, eps, H,
-            dk, DKP=triton.next_power_of_2(dk), K1=K - 1, KP=triton.next_power_of_2(K), num_warps=4,
+            dk, DKP=triton.next_power_of_2(dk), K1=K - 1, KP=triton.next_power_of_2(K),
+            num_warps=TUNING["delta_warps"],
         )  # fmt: skip
         return o
