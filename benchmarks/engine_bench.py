@@ -292,38 +292,87 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
 # ----- decode with memory on: segment capture, consolidation on a side stream, reads -----
 
 
+def _steps_summary(times: list[float], marks: list[tuple[int, int, int]]) -> dict[str, Any]:
+    """Step times split by what the step carried: marks per step are (segments closed in it,
+    versions installed just before it, slots whose memory keys/values it computed before its
+    decode). 'event' is any of the three, 'quiet' none."""
+    kinds = {
+        "quiet": [t for t, m in zip(times, marks, strict=True) if not any(m)],
+        "event": [t for t, m in zip(times, marks, strict=True) if any(m)],
+        "closed": [t for t, m in zip(times, marks, strict=True) if m[0]],
+        "installed": [t for t, m in zip(times, marks, strict=True) if m[1]],
+        "refreshed": [t for t, m in zip(times, marks, strict=True) if m[2]],
+    }
+    return {
+        k: {"steps": len(v), "step_ms_p50": 1e3 * pct(v, 0.5), "step_ms_p99": 1e3 * pct(v, 0.99)}
+        for k, v in kinds.items()
+    }
+
+
 def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
     """Decode step time with memory off and on, the same sessions and steps. With memory on,
-    every step captures hidden states; each closed segment is compressed in a worker thread (on
-    its own CUDA stream), applied to the session's SessionMemory (the real level policy) and
-    installed between steps, as the engine does with its hooks; the bus is left out (it costs
-    CPU and network, not device time)."""
+    every step captures hidden states; each closed segment is compressed, applied to the
+    session's SessionMemory (the real level policy) and installed between steps, as the engine
+    does with its hooks; the bus is left out (it costs CPU and network, not device time).
+
+    --compress inline (default): the decode thread launches each compression on a side CUDA
+    stream right after the step that closed the segment and picks the slots up (an event query,
+    no sync) at a later step; merges inside apply_segment wait for their own side-stream work.
+    --compress thread: a worker thread compresses, as in-process consolidation workers do (it
+    shares the interpreter with the decode thread).
+
+    Besides p50/p99 of all steps, each step is marked (a segment closed in it, a version was
+    installed just before it, it computed memory keys/values before its decode) and the table
+    splits the times by mark; 'between' is the host time between two steps (compress launches,
+    applies, installs), which the step times leave out as the engine's step metric does."""
     from concurrent.futures import Future, ThreadPoolExecutor
 
     from memory.config import MemoryConfig
     from memory.store import SessionMemory
 
     device = args.device
-    if device.startswith("cuda"):
+    cuda = device.startswith("cuda")
+    if cuda:
         torch.set_float32_matmul_precision("high")
     model = load_model(args.model, device)
     mc = model.config
     S, batch = mc.segment_len, args.sessions
     mem_cfg = MemoryConfig()
-    stream = torch.cuda.Stream() if device.startswith("cuda") else None
+    stream = torch.cuda.Stream() if cuda else None
+    # the target level as a device tensor: an int would be copied to the device (and synced)
+    levels = [torch.tensor(i, device=device) for i in range(mc.mem_levels + 1)]
 
     def compress(hidden: torch.Tensor, level: int) -> torch.Tensor:
+        """Synchronous: (1, L, D) anywhere -> (1, m, D) on the host."""
         with torch.no_grad():
             if stream is None:
-                return model.compress(hidden.to(device), level).cpu()
+                return model.compress(hidden.to(device), levels[level]).cpu()
+            stream.wait_stream(torch.cuda.current_stream())
             with torch.cuda.stream(stream):
-                return model.compress(hidden.to(device), level).cpu()
+                return model.compress(hidden.to(device), levels[level]).cpu()
+
+    def launch(hidden: torch.Tensor) -> tuple[torch.Tensor, torch.cuda.Event | None]:
+        """Asynchronous on a GPU: (S, D) on the device -> (1, m, D) pinned host slots that are
+        valid once the event has completed (None: valid now)."""
+        if stream is None:
+            return compress(hidden.unsqueeze(0), 1), None
+        with torch.no_grad():
+            stream.wait_stream(torch.cuda.current_stream())  # the segment's copy is queued there
+            with torch.cuda.stream(stream):
+                slots = model.compress(hidden.unsqueeze(0), levels[1])
+                host = torch.empty(slots.shape, dtype=slots.dtype, pin_memory=True)
+                host.copy_(slots, non_blocking=True)
+                hidden.record_stream(stream)
+                ready = torch.cuda.Event()
+                ready.record(stream)
+        return host, ready
 
     out: dict[str, Any] = {
         "bench": "engine.memory",
         "model": args.model,
         "device": device,
         "sessions": batch,
+        "compress": args.compress,
     }
     for memory_on in (False, True):
         cfg = EngineConfig(
@@ -335,51 +384,81 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
         runner = Runner(model, cfg, capture_segments=memory_on)
         stores = [SessionMemory.for_model(mc, mem_cfg) for _ in range(batch)]
         pos = [(i * S) // batch for i in range(batch)]  # staggered: segments close every few steps
-        pool = ThreadPoolExecutor(1)
-        inflight: list[tuple[int, int, Future[torch.Tensor]]] = []
+        pool = ThreadPoolExecutor(1) if args.compress == "thread" else None
+        threaded: list[tuple[int, int, Future[torch.Tensor]]] = []
+        inline: list[tuple[int, int, torch.Tensor, torch.cuda.Event | None]] = []
         times: list[float] = []
-        applied = 0
+        between: list[float] = []
+        marks: list[tuple[int, int, int]] = []
+        applied = installs = 0
+        t_end = time.perf_counter()  # when the last step returned
         for step in range(args.steps + 20):
             plan = StepPlan(
                 (), tuple(Feed(f"s{i}", i, b"a", pos[i], True) for i in range(batch)), (), ()
             )
             t0 = time.perf_counter()
             _, closed = runner.execute(plan)
+            t1 = time.perf_counter()
             if step >= 20:
-                times.append(time.perf_counter() - t0)
+                times.append(t1 - t0)
+                between.append(t0 - t_end)
+                marks.append((len(closed), installs, runner.refreshed))
+            t_end = t1
             pos = [p + 1 for p in pos]
             for seg in closed:
-                inflight.append(
-                    (seg.slot, seg.index, pool.submit(compress, seg.hidden.unsqueeze(0), 1))
-                )
-            for item in [x for x in inflight if x[2].done()]:  # install between steps
-                slot, index, fut = item
-                inflight.remove(item)
+                if pool is not None:
+                    threaded.append(
+                        (seg.slot, seg.index, pool.submit(compress, seg.hidden.unsqueeze(0), 1))
+                    )
+                else:
+                    inline.append((seg.slot, seg.index, *launch(seg.hidden)))
+            done: list[tuple[int, int, torch.Tensor]] = []
+            for item in [x for x in threaded if x[2].done()]:
+                threaded.remove(item)
+                done.append((item[0], item[1], item[2].result()))
+            for entry in [x for x in inline if x[3] is None or x[3].query()]:
+                inline.remove(entry)
+                done.append((entry[0], entry[1], entry[2]))
+            installs = 0
+            for slot, index, slots in done:  # install between steps
                 mem = stores[slot]
                 if index != mem.last_seq + 1:
                     continue
                 stores[slot] = mem = mem.apply_segment(
-                    index, fut.result()[0], (index * S, (index + 1) * S), compress
+                    index, slots[0], (index * S, (index + 1) * S), compress
                 )
                 runner.install_memory(
                     slot, mem.to_slots(mem_cfg.max_slots, index + 1), mem.written(mem_cfg.max_slots)
                 )
                 applied += 1
-        pool.shutdown(wait=True)
+                installs += 1
+        if pool is not None:
+            pool.shutdown(wait=True)
         key = "on" if memory_on else "off"
+        split = _steps_summary(times, marks)
         out[key] = {
             "step_ms_p50": 1e3 * pct(times, 0.5),
             "step_ms_p99": 1e3 * pct(times, 0.99),
             "segments_applied": applied,
+            "between_ms_p50": 1e3 * pct(between, 0.5),
+            "between_ms_p99": 1e3 * pct(between, 0.99),
+            "steps": split,
         }
         print(
             f"memory {key:<3}: step p50 {out[key]['step_ms_p50']:.3f} ms, p99 {out[key]['step_ms_p99']:.3f} ms, "
-            f"segments consolidated {applied}",
+            f"segments consolidated {applied}; between steps p50 {out[key]['between_ms_p50']:.3f} ms, "
+            f"p99 {out[key]['between_ms_p99']:.3f} ms",
             flush=True,
         )
+        if memory_on:
+            print(f"  {'steps':<10} {'count':>6} {'p50 ms':>8} {'p99 ms':>8}")
+            for k, v in split.items():
+                print(
+                    f"  {k:<10} {v['steps']:>6} {v['step_ms_p50']:>8.3f} {v['step_ms_p99']:>8.3f}"
+                )
         del runner
     out["p99_ratio"] = out["on"]["step_ms_p99"] / out["off"]["step_ms_p99"]
-    print(f"p99 with memory / without: {out['p99_ratio']:.3f}")
+    print(f"p99 with memory / without: {out['p99_ratio']:.3f} (compress {args.compress})")
     return out
 
 
@@ -400,6 +479,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=50, help="decode grid: timed steps per point")
     p.add_argument("--memory", action="store_true", help="decode step time with memory on vs off")
+    p.add_argument(
+        "--compress",
+        choices=("inline", "thread"),
+        default="inline",
+        help="--memory: compress in the decode thread on a side stream, or in a worker thread",
+    )
     p.add_argument("--json", default=None, help="write the result here")
 
 
