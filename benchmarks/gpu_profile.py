@@ -38,9 +38,9 @@ def host_breakdown(runner: Runner, plan: StepPlan, n: int = 50) -> dict[str, flo
     graph, _ = runner.graphs.graphs[runner.graphs.bucket(len(plan.decode))]
     for _ in range(n):
         t0 = time.perf_counter()
-        rows = runner._rows(plan.decode)
+        runner._rows(plan.decode, runner.graphs.host_rows)
         t1 = time.perf_counter()
-        out = runner.graphs.run(rows)
+        out = runner.graphs.launch(len(plan.decode))
         t2 = time.perf_counter()
         out.tolist()
         t3 = time.perf_counter()
@@ -64,7 +64,9 @@ def profile_batch(
     for _ in range(5):
         runner.execute(plan)  # compile and capture
     torch.cuda.synchronize()
-    rows = runner._rows(feeds).to("cuda")
+    rows = runner._rows(feeds)
+    assert rows is not None
+    rows = rows.to("cuda")
     for _ in range(3):
         runner._decode_fn(rows)
     torch.cuda.synchronize()
@@ -129,8 +131,8 @@ def profile_batch(
 
 
 def sweep(model: Any, batch: int, dtype: str) -> list[dict[str, Any]]:
-    """Device time of one decode step's mixers (the model's fused step, eager launches) under each
-    launch shape of model.kernels.TUNING, at one batch size."""
+    """Device time of the two fused mixer kernels (summed over a step's layers, from the
+    profiler) under each launch shape of model.kernels.TUNING, at one batch size."""
     from model import kernels
     from model.decode_cache import build_decode_cache
 
@@ -140,24 +142,30 @@ def sweep(model: Any, batch: int, dtype: str) -> list[dict[str, Any]]:
     tokens = torch.randint(0, 256, (batch,), device="cuda")
     base = dict(kernels.TUNING)
     out = []
-    for key, values in (("delta_warps", (2, 4, 8, 16)), ("hyena_warps", (2, 4, 8)),
-                        ("hyena_channels", (32, 64, 128, 256))):  # fmt: skip
+    for key, values in (("delta_warps", (2, 4, 8, 16)), ("hyena_warps", (1, 2, 4, 8)),
+                        ("hyena_channels", (16, 32, 64, 128, 256))):  # fmt: skip
         for v in values:
             kernels.TUNING.update(base)
             kernels.TUNING[key] = v
             with torch.no_grad():
-                for _ in range(3):
+                for _ in range(2):
                     model.step(tokens, pool, slots, cache=cache)
                 torch.cuda.synchronize()
-                e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-                e0.record()
-                for _ in range(20):
-                    model.step(tokens, pool, slots, cache=cache)
-                e1.record()
-                torch.cuda.synchronize()
-            ms = e0.elapsed_time(e1) / 20
-            out.append({"batch": batch, key: v, "step_ms": ms})
-            print(f"sweep batch {batch} {key}={v}: eager fused step {ms:.3f} ms", flush=True)
+                with profile(activities=[ProfilerActivity.CUDA]) as prof:
+                    for _ in range(5):
+                        model.step(tokens, pool, slots, cache=cache)
+                    torch.cuda.synchronize()
+            us = {"delta": 0.0, "hyena": 0.0}
+            for ev in prof.events():
+                for name in us:
+                    if ev.name == f"_{name}_step_kernel":
+                        us[name] += ev.device_time_total / 5
+            out.append({"batch": batch, key: v, "delta_us": us["delta"], "hyena_us": us["hyena"]})
+            print(
+                f"sweep batch {batch} {key}={v}: delta kernels {us['delta']:.0f} us, "
+                f"hyena kernels {us['hyena']:.0f} us per step",
+                flush=True,
+            )
     kernels.TUNING.update(base)
     return out
 

@@ -1,9 +1,11 @@
 """graphs.py: CUDA graphs for the batched decode, the one place that captures and replays them.
 
 One graph per batch bucket (1, 2, 4, ... max_slots). Inputs live in one static (4, max) long
-buffer (tokens, slots, positions, sample flags); a step copies its rows in, pads the bucket with
-the scratch slot, and replays. The state pool is indexed by the slot tensor inside the graph, so
-no state is copied in or out. The eager function stays the reference (a test holds them equal).
+buffer (tokens, slots, positions, sample flags); a step writes its rows into a pinned host
+buffer through a NumPy view, pads the bucket with the scratch slot, copies it in and replays
+(three calls into torch per step: launching is on every step's critical path). The state pool
+is indexed by the slot tensor inside the graph, so no state is copied in or out. The eager
+function stays the reference (a test holds them equal).
 """
 
 from __future__ import annotations
@@ -28,6 +30,8 @@ class DecodeGraphs:
         self.device = device
         self.static_in = torch.zeros(4, buckets[-1], dtype=torch.long, device=device)
         self.host_in = torch.zeros(4, buckets[-1], dtype=torch.long).pin_memory()
+        self.host_rows = self.host_in.numpy()  # where callers write a step's rows
+        self.views: dict[int, tuple[Tensor, Tensor]] = {}  # bucket -> (device, host) inputs
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -48,6 +52,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.fn(self.static_in[:, :b])
         self.graphs[b] = (graph, out)
+        self.views[b] = (self.static_in[:, :b], self.host_in[:, :b])
 
     def capture_all(self) -> None:
         for b in reversed(self.buckets):  # largest first: smaller ones reuse its pool memory
@@ -56,16 +61,22 @@ class DecodeGraphs:
     def bucket(self, n: int) -> int:
         return next(b for b in self.buckets if b >= n)
 
-    def run(self, rows: Tensor) -> Tensor:
-        """rows (4, n) long on the host -> sampled ids (n,) on the device."""
-        n = rows.shape[1]
+    def launch(self, n: int) -> Tensor:
+        """Replay for the n rows written into host_rows[:, :n] -> sampled ids (bucket,) on the
+        device, the first n the rows' (the rest are padding)."""
         b = self.bucket(n)
         if b not in self.graphs:
             self.capture(b)
-        self.host_in[:, :n] = rows
-        self.host_in[:, n:b] = 0
-        self.host_in[1, n:b] = self.scratch
-        self.static_in[:, :b].copy_(self.host_in[:, :b], non_blocking=True)
+        self.host_rows[:, n:b] = 0
+        self.host_rows[1, n:b] = self.scratch
+        dst, src = self.views[b]
+        dst.copy_(src, non_blocking=True)
         graph, out = self.graphs[b]
         graph.replay()
-        return out[:n]
+        return out
+
+    def run(self, rows: Tensor) -> Tensor:
+        """rows (4, n) long on the host -> sampled ids (n,) on the device."""
+        n = rows.shape[1]
+        self.host_rows[:, :n] = rows.numpy()
+        return self.launch(n)[:n]

@@ -257,20 +257,24 @@ class Runner:
         self.counter.index_add_(0, slots, flag)
         return out
 
-    def _rows(self, feeds: tuple[Feed, ...]) -> Tensor:
-        """(4, n) long on the host: tokens, slots, positions, sample flags. Filled through a
-        NumPy view of a reused buffer, the one-byte feeds joined into one bytes object: at a
+    def _rows(self, feeds: tuple[Feed, ...], view: np.ndarray | None = None) -> Tensor | None:
+        """Tokens, slots, positions and sample flags of the feeds, (4, n) long, written into
+        `view` (the graphs' pinned host buffer; returns None) or into a reused host tensor
+        (returned). Through NumPy, the one-byte feeds joined into one bytes object: at a
         thousand sessions this is on every step's critical path (a torch.tensor of nested lists
         costs several times more; zip(*feeds) too)."""
         n = len(feeds)
-        if self._host_rows.shape[1] < n:
-            self._host_rows = torch.zeros(4, n, dtype=torch.long)
-        view = self._host_rows.numpy()
+        out = None
+        if view is None:
+            if self._host_rows.shape[1] < n:
+                self._host_rows = torch.zeros(4, n, dtype=torch.long)
+            out = self._host_rows[:, :n]
+            view = self._host_rows.numpy()
         view[0, :n] = np.frombuffer(b"".join([f.data for f in feeds]), dtype=np.uint8)
         view[1, :n] = [f.slot for f in feeds]
         view[2, :n] = [f.start for f in feeds]
         view[3, :n] = [f.sample for f in feeds]
-        return self._host_rows[:, :n]
+        return out
 
     @torch.no_grad()
     def execute(self, plan: StepPlan) -> tuple[list[int], list[ClosedSegment]]:
@@ -283,10 +287,14 @@ class Runner:
         if plan.decode:
             if self.mem_kv:  # usually done by an earlier step or the install (see below)
                 self.refreshed = self._refresh_kv([(f.slot, f.start) for f in plan.decode])
-            rows = self._rows(plan.decode)
+            n = len(plan.decode)
             if self.graphs is not None:
-                parts.append(self.graphs.run(rows))
+                self._rows(plan.decode, self.graphs.host_rows)
+                decoded = self.graphs.launch(n)  # the bucket's rows: the first n are the plan's
+                parts.append(decoded if n == len(decoded) else decoded[:n])
             else:
+                rows = self._rows(plan.decode)
+                assert rows is not None
                 parts.append(self._decode_fn(rows.to(self.device)))
             if self.seg_buf is not None:
                 S = self.S
@@ -316,7 +324,7 @@ class Runner:
                 )
             )
             self.counter.index_add_(0, slots, torch.ones_like(slots))
-        out = torch.cat(parts) if parts else None
+        out = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
         host: Tensor | None = None
         if out is not None and self._ids_host is not None and self._ids_ready is not None:
             if self._ids_host.shape[0] < out.shape[0]:
