@@ -179,9 +179,16 @@ def main() -> int:
     p.add_argument("--steps", type=int, default=10)
     p.add_argument("--top", type=int, default=25)
     p.add_argument("--sweep", default="", help="batch sizes to sweep kernel launch shapes at")
+    p.add_argument(
+        "--no-split-reductions", action="store_true", help="inductor: one program per reduction"
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")
+    if args.no_split_reductions:
+        import torch._inductor.config as inductor_config
+
+        inductor_config.split_reductions = False
     model = load_model(args.model, "cuda")
     out = {
         "bench": "engine.profile",
