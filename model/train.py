@@ -406,15 +406,20 @@ def train(
     logs: list[StepLog] = []
     t0 = time.perf_counter()
     mark, mark_bytes = t0, 0
+    t3 = t0
     try:
         for step in range(cfg.steps):
             if step >= loop.horizon:
                 break
+            if step == 3:
+                t3 = time.perf_counter()  # the first steps compile: the pace is taken after them
             if cfg.time_budget_s > 0 and step == cfg.warmup + 5:
-                # Fit the cosine schedule to the steps the time budget allows at the measured
-                # pace (the ranks' mean, so every rank stops at the same step).
-                pace = loop.mean_over_ranks((time.perf_counter() - t0) / step)
-                loop.horizon = max(step + 1, min(cfg.steps, int(cfg.time_budget_s / pace)))
+                # Fit the cosine schedule to the steps the rest of the time budget allows at the
+                # measured pace (the ranks' mean, so every rank stops at the same step).
+                now = time.perf_counter()
+                pace = loop.mean_over_ranks((now - t3) / (step - 3))
+                left = int((cfg.time_budget_s - (now - t0)) / pace)
+                loop.horizon = max(step + 1, min(cfg.steps, step + left))
             micro = list(_take(batches, cfg.grad_accum))
             ended = len(micro) < cfg.grad_accum
             if loop.dist.active:
