@@ -10,6 +10,10 @@ import argparse
 import os
 import sys
 from collections.abc import Callable, Sequence
+from typing import TYPE_CHECKING
+
+if TYPE_CHECKING:
+    from model.train import TrainConfig
 
 Handler = Callable[[argparse.Namespace], int]
 
@@ -31,12 +35,24 @@ def _model_info(args: argparse.Namespace) -> int:
     return 0
 
 
+def text_train_config(args: argparse.Namespace) -> TrainConfig:
+    """`bwr train --text`'s TrainConfig: every trainer flag the DOCS consumer reads (curriculum,
+    compilation, checkpointing, warmup, ...) means the same here; --minutes is the time budget.
+    The curriculum's stages are fractions of --steps (a budget that ends the run sooner cuts the
+    later stages short)."""
+    from dataclasses import replace
+
+    from memory.train_cli import configs
+
+    return replace(configs(args)[0], time_budget_s=60 * args.minutes)
+
+
 def _train(args: argparse.Namespace) -> int:
     import torch
 
     from model import ByteLM, ModelConfig
     from model.evals.mix import Mixer, parse_mix
-    from model.train import StepLog, TrainConfig, file_documents, pack, train
+    from model.train import StepLog, curriculum_batches, file_documents, train
 
     if getattr(args, "nats_url", None):
         from memory.train_cli import run_train_nats
@@ -58,17 +74,9 @@ def _train(args: argparse.Namespace) -> int:
         model = ByteLM.load(args.resume, device)
     else:
         model = ByteLM(ModelConfig.named(args.config)).to(device)
-    cfg = TrainConfig(
-        steps=args.steps,
-        batch_size=args.batch_size,
-        seq_len=args.seq_len,
-        lr=args.lr,
-        segments=args.segments,
-        seed=args.seed,
-        grad_accum=args.grad_accum,
-        time_budget_s=60 * args.minutes,
-    )
-    docs = file_documents(args.text, doc_bytes=max(args.seq_len * 4, 1024), seed=args.seed)
+    cfg = text_train_config(args)
+    longest = max([cfg.seq_len] + [n for _, n, _ in cfg.curriculum])
+    docs = file_documents(args.text, doc_bytes=max(longest * 4, 1024), seed=args.seed)
 
     def log(e: StepLog) -> None:
         print(
@@ -76,7 +84,7 @@ def _train(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    batches = pack(docs, cfg.batch_size, cfg.seq_len)
+    batches = curriculum_batches(docs, cfg)
     mixer = Mixer(mix, seed=args.seed)
     if mix:
         batches = mixer.batches(batches)

@@ -11,6 +11,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from gateway.cli import build_parser, text_train_config
 from gateway.cli import main as bwr
 from model import ByteLM, ModelConfig
 from model.codec import EOS
@@ -109,6 +110,21 @@ def test_bwr_train_writes_a_loadable_checkpoint(
 
     assert bwr(["model", "info", str(out)]) == 0
     assert f"{model.num_parameters():,}" in capsys.readouterr().out
+
+
+def test_bwr_train_text_honours_every_trainer_flag() -> None:
+    """The --text path reads the same trainer flags as the DOCS consumer (a flag that parses
+    must not be ignored): curriculum, compilation, checkpointing, warmup, logging; --minutes is
+    the time budget."""
+    argv = ["train", "--text", str(TEXT), "--out", "x", "--steps", "40", "--minutes", "0.5"]
+    argv += ["--curriculum", "0:32x1,0.5:64x2", "--train-compile", "off", "--grad-checkpoint"]
+    argv += ["--warmup", "3", "--log-every", "7", "--batch-size", "4", "--seq-len", "64"]
+    cfg = text_train_config(build_parser().parse_args(argv))
+    assert cfg.curriculum == ((0.0, 32, 1), (0.5, 64, 2))
+    assert (cfg.compile, cfg.grad_checkpoint, cfg.warmup, cfg.log_every) == ("off", True, 3, 7)
+    assert (cfg.steps, cfg.batch_size, cfg.seq_len, cfg.time_budget_s) == (40, 4, 64, 30.0)
+    plain = text_train_config(build_parser().parse_args(["train", "--text", str(TEXT)]))
+    assert plain == TrainConfig(lr=3e-3)  # no flags: the library's defaults
 
 
 def test_bwr_train_needs_text(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
