@@ -170,6 +170,47 @@ def sweep(model: Any, batch: int, dtype: str) -> list[dict[str, Any]]:
     return out
 
 
+def sampler(batches: list[int]) -> list[dict[str, Any]]:
+    """Device time of engine.sampling.sample alone on (batch, 260) logits with mixed top-k/top-p
+    rows: eager, compiled, and compiled without persistent reductions, each captured in a CUDA
+    graph and timed with events."""
+    import torch._inductor.config as inductor_config
+
+    from engine.sampling import sample
+
+    out = []
+    for batch in batches:
+        g = torch.Generator(device="cuda").manual_seed(0)
+        logits = torch.randn(batch, 260, device="cuda", generator=g) * 3
+        temp = torch.ones(batch, device="cuda")
+        top_k = torch.randint(0, 40, (batch,), device="cuda", generator=g)
+        top_p = torch.rand(batch, device="cuda", generator=g) * 0.5 + 0.5
+        seed = torch.arange(batch, device="cuda")
+        counter = torch.zeros(batch, dtype=torch.long, device="cuda")
+        args = (logits, temp, top_k, top_p, seed, counter)
+        for name in ("eager", "compiled", "compiled, no persistent reductions"):
+            torch._dynamo.reset()
+            inductor_config.triton.persistent_reductions = "no persistent" not in name
+            fn = sample if name == "eager" else torch.compile(sample, dynamic=False)
+            for _ in range(3):
+                fn(*args)
+            torch.cuda.synchronize()
+            graph = torch.cuda.CUDAGraph()
+            with torch.cuda.graph(graph):
+                fn(*args)
+            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            e0.record()
+            for _ in range(50):
+                graph.replay()
+            e1.record()
+            torch.cuda.synchronize()
+            us = e0.elapsed_time(e1) / 50 * 1e3
+            out.append({"batch": batch, "sampler": name, "us": us})
+            print(f"sampler batch {batch:>5} {name:<36} {us:8.1f} us", flush=True)
+    inductor_config.triton.persistent_reductions = True
+    return out
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base")
@@ -182,6 +223,7 @@ def main() -> int:
     p.add_argument(
         "--no-split-reductions", action="store_true", help="inductor: one program per reduction"
     )
+    p.add_argument("--sampler", default="", help="batch sizes to time the sampler alone at")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")
@@ -199,12 +241,13 @@ def main() -> int:
         "points": [
             profile_batch(model, int(b), args.dtype, args.steps, args.top, mode)
             for mode in args.modes.split(",")
-            for b in args.batches.split(",")
+            for b in filter(None, args.batches.split(","))
         ],
     }
     out["sweep"] = [
         r for b in filter(None, args.sweep.split(",")) for r in sweep(model, int(b), args.dtype)
     ]
+    out["sampler"] = sampler([int(b) for b in filter(None, args.sampler.split(","))])
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0
