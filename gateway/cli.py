@@ -91,6 +91,9 @@ def _train(args: argparse.Namespace) -> int:
     train(model, batches, cfg, on_log=log)
     if mix:
         print(f"mixed in {mixer.replaced} of {mixer.rows} rows", flush=True)
+        if any(mixer.too_short.values()):
+            short = {k: v for k, v in mixer.too_short.items() if v}
+            print(f"left as text, too short for a case: {short} rows", flush=True)
     model.save(args.out, dtype=torch.bfloat16 if args.save_dtype == "bfloat16" else torch.float32)
     print(f"saved {args.out}")
     return 0

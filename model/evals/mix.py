@@ -56,13 +56,16 @@ def case_row(task: str, length: int, depth: float, seed: int) -> bytes:
 
 class Mixer:
     """Replaces rows of (B, T + 1) batches by eval cases, each row with probability of its task's
-    fraction; seeded, so the same batches and seed give the same mix."""
+    fraction; seeded, so the same batches and seed give the same mix. A row too short to hold a
+    case of the task drawn for it (a curriculum's first stages, say) stays text and is counted in
+    `too_short`: the run goes on, and mixes that task in once its rows are long enough."""
 
     def __init__(self, mix: dict[str, float], seed: int = 0) -> None:
         self.mix = {k: v for k, v in mix.items() if v > 0}
         self.rng = random.Random(f"mix/{seed}")
         self.next_seed = TRAIN_SEED + seed * (1 << 20)  # disjoint per training seed
         self.replaced: dict[str, int] = dict.fromkeys(self.mix, 0)
+        self.too_short: dict[str, int] = dict.fromkeys(self.mix, 0)
         self.rows = 0
 
     def pick(self) -> str | None:
@@ -80,8 +83,13 @@ class Mixer:
             task = self.pick()
             if task is None:
                 continue
-            row = case_row(task, out.shape[1], self.rng.random(), self.next_seed)
+            depth, seed = self.rng.random(), self.next_seed
             self.next_seed += 1
+            try:
+                row = case_row(task, out.shape[1], depth, seed)
+            except ValueError:  # the row cannot hold this task's items and question
+                self.too_short[task] += 1
+                continue
             out[i] = torch.frombuffer(bytearray(row), dtype=torch.uint8).long()
             self.replaced[task] += 1
         return out

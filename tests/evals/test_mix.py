@@ -90,6 +90,19 @@ def test_case_row_is_exactly_the_length_and_too_short_raises() -> None:
         case_row("mqar", 200, 0.5, TRAIN_SEED)
 
 
+def test_rows_too_short_for_a_task_stay_text() -> None:
+    """At 257 bytes a pass key fits and MQAR's pairs do not: MQAR rows stay text and are counted,
+    pass-key rows are mixed in, and nothing raises (a curriculum starts with such rows)."""
+    batch = next(pack(file_documents(TEXT, 2048), 64, 256))
+    mixer = Mixer({"passkey": 0.4, "mqar": 0.4}, seed=3)
+    out = mixer(batch)
+    changed = [i for i in range(64) if not torch.equal(out[i], batch[i])]
+    assert mixer.too_short["mqar"] > 0 and mixer.too_short["passkey"] == 0
+    assert len(changed) == mixer.replaced["passkey"] > 0 and mixer.replaced["mqar"] == 0
+    assert all(PASSKEY_QUESTION in bytes(out[i].tolist()) for i in changed)
+    assert mixer.rows == 64
+
+
 def test_train_with_mix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     out = tmp_path / "ckpt"
     args = ["train", "--text", str(TEXT), "--config", "tiny", "--steps", "2", "--batch-size", "4"]
