@@ -83,7 +83,7 @@ class Runner:
                     torch.zeros(rows, M + 1, dtype=torch.bool, device=dev),
                 )
         self.kv_segment = [-1] * rows  # segment whose ages each slot's keys/values hold (-1: stale)
-        self.next_at = [-1] * rows  # context offset of each slot's next byte (-1: not known)
+        self.next_at = [-1] * rows  # offset of each slot's next byte (-1: unknown; memory on only)
         self.refreshed = 0  # slots whose keys/values the last step computed before its decode
         # What each slot's last decoded byte read: per read block and head, the memory slots it
         # picked (-1: the null slot), and the context offset of that byte (-1: none yet). Written
@@ -340,11 +340,14 @@ class Runner:
             host = self._ids_host[: out.shape[0]]
             host.copy_(out, non_blocking=True)
             self._ids_ready.record()
-        fed = (*plan.decode, *plan.prefill)
-        for f in fed:
-            self.next_at[f.slot] = f.start + len(f.data)
         if self.mem_kv:  # the keys/values the next step reads, queued behind this step's reads
-            self._refresh_kv([(f.slot, self.next_at[f.slot]) for f in fed])
+            S, ahead = self.S, []
+            for f in (*plan.decode, *plan.prefill):
+                at = self.next_at[f.slot] = f.start + len(f.data)
+                if self.kv_segment[f.slot] != at // S:
+                    ahead.append((f.slot, at))
+            if ahead:
+                self._refresh_kv(ahead)
         if out is None:
             return [], closed
         if host is not None and self._ids_ready is not None:
