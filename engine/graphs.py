@@ -74,9 +74,3 @@ class DecodeGraphs:
         graph, out = self.graphs[b]
         graph.replay()
         return out
-
-    def run(self, rows: Tensor) -> Tensor:
-        """rows (4, n) long on the host -> sampled ids (n,) on the device."""
-        n = rows.shape[1]
-        self.host_rows[:, :n] = rows.numpy()
-        return self.launch(n)[:n]
