@@ -3,9 +3,9 @@
 One graph per batch bucket (1, 2, 4, ... max_slots). Inputs live in one static (4, max) long
 buffer (tokens, slots, positions, sample flags); a step writes its rows into a pinned host
 buffer through a NumPy view, pads the bucket with the scratch slot, copies it in and replays
-(three calls into torch per step: launching is on every step's critical path). The state pool
-is indexed by the slot tensor inside the graph, so no state is copied in or out. The eager
-function stays the reference (a test holds them equal).
+(two calls into torch per step, one copy and one replay: launching is on every step's critical
+path). The state pool is indexed by the slot tensor inside the graph, so no state is copied in
+or out. The eager function stays the reference (a test holds them equal).
 """
 
 from __future__ import annotations
