@@ -163,21 +163,27 @@ def _time_steps(runner: Runner, plan: StepPlan, steps: int) -> list[float]:
     return times
 
 
-def _replay_ms(runner: Runner, batch: int) -> float | None:
-    """Device time of one graph replay (no host work), timed with events like the peer."""
-    if runner.graphs is None:
-        return None
-    graph, _ = runner.graphs.graphs[runner.graphs.bucket(batch)]
+def graph_ms(graph: torch.cuda.CUDAGraph, replays: int = 20, repeats: int = 5) -> float:
+    """Device time of one replay of a captured graph (no host work), timed with events like the
+    peer: the median over `repeats` runs of `replays` back-to-back replays."""
     times = []
-    for _ in range(5):
+    for _ in range(repeats):
         e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
         e0.record()
-        for _ in range(20):
+        for _ in range(replays):
             graph.replay()
         e1.record()
         torch.cuda.synchronize()
-        times.append(e0.elapsed_time(e1) / 20)
+        times.append(e0.elapsed_time(e1) / replays)
     return statistics.median(times)
+
+
+def _replay_ms(runner: Runner, batch: int) -> float | None:
+    """Device time of the runner's graph for this batch size (None without graphs)."""
+    if runner.graphs is None:
+        return None
+    graph, _ = runner.graphs.graphs[runner.graphs.bucket(batch)]
+    return graph_ms(graph)
 
 
 def decode_grid(args: argparse.Namespace) -> dict[str, Any]:

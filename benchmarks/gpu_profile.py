@@ -23,7 +23,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
-from benchmarks.engine_bench import _replay_ms, load_model
+from benchmarks.engine_bench import _replay_ms, graph_ms, load_model
 from engine.config import EngineConfig
 from engine.runner import Runner
 from engine.scheduler import Feed, StepPlan
@@ -198,13 +198,7 @@ def sampler(batches: list[int]) -> list[dict[str, Any]]:
             graph = torch.cuda.CUDAGraph()
             with torch.cuda.graph(graph):
                 fn(*args)
-            e0, e1 = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
-            e0.record()
-            for _ in range(50):
-                graph.replay()
-            e1.record()
-            torch.cuda.synchronize()
-            us = e0.elapsed_time(e1) / 50 * 1e3
+            us = graph_ms(graph) * 1e3
             out.append({"batch": batch, "sampler": name, "us": us})
             print(f"sampler batch {batch:>5} {name:<36} {us:8.1f} us", flush=True)
     inductor_config.triton.persistent_reductions = True
