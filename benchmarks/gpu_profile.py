@@ -64,9 +64,8 @@ def profile_batch(
     for _ in range(5):
         runner.execute(plan)  # compile and capture
     torch.cuda.synchronize()
-    rows = runner._rows(feeds)
-    assert rows is not None
-    rows = rows.to("cuda")
+    runner._rows(feeds, runner._host_np)
+    rows = runner._host_rows[:, :batch].to("cuda")
     for _ in range(3):
         runner._decode_fn(rows)
     torch.cuda.synchronize()

@@ -106,7 +106,8 @@ class Runner:
         # The fused decode reads poles, merged projections (and bf16 weights) from this cache.
         dtype = torch.bfloat16 if cfg.decode_dtype == "bfloat16" else torch.float32
         self.cache = build_decode_cache(self.model, dtype) if self.device.type == "cuda" else None
-        self._host_rows = torch.zeros(4, cfg.max_slots, dtype=torch.long)  # see _rows
+        self._host_rows = torch.zeros(4, cfg.max_slots, dtype=torch.long)  # eager decode input
+        self._host_np = self._host_rows.numpy()  # the same memory, for _rows
         # The step's sampled ids land in pinned memory; an event after them is the step's sync.
         self._ids_host: Tensor | None = None
         self._ids_ready: torch.cuda.Event | None = None
@@ -264,25 +265,17 @@ class Runner:
         self.counter.index_add_(0, slots, flag)
         return out
 
-    def _rows(self, feeds: tuple[Feed, ...], view: np.ndarray | None = None) -> Tensor | None:
-        """Tokens, slots, positions and sample flags of the feeds, (4, n) long, written into
-        `view` (the graphs' pinned host buffer; returns None) or into a reused host tensor
-        (returned). Through NumPy, the fields read by C-level getters and the one-byte feeds
-        joined into one bytes object: at a thousand sessions this is on every step's critical
-        path (a torch.tensor of nested lists costs several times more, list comprehensions a
-        third more, zip(*feeds) twice as much)."""
+    def _rows(self, feeds: tuple[Feed, ...], view: np.ndarray) -> None:
+        """Write the feeds' tokens, slots, positions and sample flags into view[:, :n] (4 rows of
+        int64: the graphs' pinned host buffer, or the eager path's). Through NumPy, the fields
+        read by C-level getters and the one-byte feeds joined into one bytes object: at a
+        thousand sessions this is on every step's critical path (a torch.tensor of nested lists
+        costs several times more, list comprehensions a third more, zip(*feeds) twice as much)."""
         n = len(feeds)
-        out = None
-        if view is None:
-            if self._host_rows.shape[1] < n:
-                self._host_rows = torch.zeros(4, n, dtype=torch.long)
-            out = self._host_rows[:, :n]
-            view = self._host_rows.numpy()
         view[0, :n] = np.frombuffer(b"".join(map(_DATA, feeds)), dtype=np.uint8)
         view[1, :n] = np.fromiter(map(_SLOT, feeds), dtype=np.int64, count=n)
         view[2, :n] = np.fromiter(map(_START, feeds), dtype=np.int64, count=n)
         view[3, :n] = np.fromiter(map(_SAMPLE, feeds), dtype=np.int64, count=n)
-        return out
 
     @torch.no_grad()
     def execute(self, plan: StepPlan) -> tuple[list[int], list[ClosedSegment]]:
@@ -301,9 +294,8 @@ class Runner:
                 decoded = self.graphs.launch(n)  # the bucket's rows: the first n are the plan's
                 parts.append(decoded if n == len(decoded) else decoded[:n])
             else:
-                rows = self._rows(plan.decode)
-                assert rows is not None
-                parts.append(self._decode_fn(rows.to(self.device)))
+                self._rows(plan.decode, self._host_np)
+                parts.append(self._decode_fn(self._host_rows[:, :n].to(self.device)))
             if self.seg_buf is not None:
                 S = self.S
                 for f in plan.decode:
