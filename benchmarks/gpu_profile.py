@@ -38,7 +38,7 @@ def host_breakdown(runner: Runner, plan: StepPlan, n: int = 50) -> dict[str, flo
     graph, _ = runner.graphs.graphs[runner.graphs.bucket(len(plan.decode))]
     for _ in range(n):
         t0 = time.perf_counter()
-        runner._rows(plan.decode, runner.graphs.host_rows)
+        runner._rows(plan.decode, plan.spec, runner.graphs.host_rows)
         t1 = time.perf_counter()
         out = runner.graphs.launch(len(plan.decode))
         t2 = time.perf_counter()
@@ -64,7 +64,7 @@ def profile_batch(
     for _ in range(5):
         runner.execute(plan)  # compile and capture
     torch.cuda.synchronize()
-    runner._rows(feeds, runner._host_np)
+    runner._rows(feeds, (), runner._host_np)
     rows = runner._host_rows[:, :batch].to("cuda")
     for _ in range(3):
         runner._decode_fn(rows)

@@ -24,6 +24,9 @@ class EngineConfig:
     compile_mode: str = "default"
     decode_dtype: str = "float32"  # matmul weights of the fused GPU decode: float32 or bfloat16
     threaded_steps: bool = True  # run each step in a worker thread so the event loop stays live
+    # Launch step k+1 before collecting step k (None: on a GPU, where the host then plans while
+    # the device computes; on a CPU the step computes as it launches, so it gains nothing there)
+    pipeline: bool | None = None
     idle_wait_s: float = 0.05  # longest sleep of an idle loop before it looks again
     # Wake a session's consumer once this many output bytes wait (the first byte of a turn, its
     # end and any event wake it at once). 1 wakes every byte; more trades a little inter-byte

@@ -1,9 +1,15 @@
 """engine.py: the asyncio engine. Sessions in, bytes out, one batched model step at a time.
 
-The loop is schedule -> execute -> emit. The scheduler (no torch) plans who advances; the runner
-executes the plan on the device in a worker thread (so the event loop keeps serving sockets
-while the device computes); the outcomes go to each session's collector. Sessions are touched
-only on the event loop; the runner only sees slots.
+The loop is schedule -> launch -> collect -> emit. The scheduler (no torch) plans who advances;
+the runner launches the plan on the device and a worker thread waits for its sampled bytes (so
+the event loop keeps serving sockets while the device computes); the outcomes go to each
+session's collector. Sessions are touched only on the event loop; the runner only sees slots.
+
+Pipelined (the default on a GPU): step k+1 is planned and launched before step k is collected,
+so the host's planning, row building and emitting run while the device computes, and the device
+always has the next step queued. Sessions generating feed their byte in flight speculatively
+(the scheduler's docstring says how each case settles). What needs the host and the device to
+agree (a snapshot) waits until nothing is in flight.
 
 The engine knows neither NATS nor HTTP: memory plugs in through `MemoryHooks` (closed segments
 out, new memory versions in, applied only between steps), and callers use `Session`.
@@ -27,7 +33,7 @@ from torch import Tensor
 from engine.collector import Collector
 from engine.config import EngineConfig
 from engine.metrics import EngineMetrics
-from engine.runner import ClosedSegment, Runner
+from engine.runner import ClosedSegment, Launched, Runner
 from engine.scheduler import Emitted, Finished, Outcome, Scheduler, StepPlan
 from engine.types import (
     Busy,
@@ -133,8 +139,15 @@ class Engine:
         self.config = config or EngineConfig()
         self.hooks = hooks
         self.runner = Runner(model, self.config, capture_segments=hooks is not None)
+        cuda = self.runner.device.type == "cuda"
+        self.pipelined = cuda if self.config.pipeline is None else self.config.pipeline
+        # Speculative feeds never close a segment (closed segments are captured at launch).
+        memory = hooks is not None or self.config.memory_capacity > 0
         self.scheduler = Scheduler(
-            self.config.max_slots, self.config.prefill_budget, self.config.prefill_chunk
+            self.config.max_slots,
+            self.config.prefill_budget,
+            self.config.prefill_chunk,
+            boundary=model.config.segment_len if memory else 0,
         )
         self.metrics = EngineMetrics()
         self.sessions: dict[str, Session] = {}
@@ -150,6 +163,7 @@ class Engine:
         self._sampling_updates: list[tuple[int, SamplingParams, int, bool]] = []
         self._restores: list[tuple[int, SessionSnapshot]] = []
         self._snapshot_waiters: list[tuple[str, asyncio.Future[SessionSnapshot]]] = []
+        self._last_collect = 0.0
 
     @property
     def model(self) -> ByteLM:
@@ -251,7 +265,7 @@ class Engine:
                 f"{len(data)} bytes in one input; the limit is {self.config.max_input_bytes}"
             )
         seq = self.scheduler.seqs[session.id]
-        if len(seq.pending) + len(data) > self.config.max_pending_bytes:
+        if seq.queued + len(data) > self.config.max_pending_bytes:
             raise Busy(
                 f"session {session.id} has {len(seq.pending)} unread bytes;"
                 f" the inbox holds {self.config.max_pending_bytes}"
@@ -366,39 +380,83 @@ class Engine:
     # ----- the loop -----
 
     async def _loop(self) -> None:
-        loop = asyncio.get_running_loop()
-        while not (self._closing and not self.sessions):
+        flight: tuple[StepPlan, Launched, float] | None = None  # launched, not yet collected
+        while not (self._closing and not self.sessions and flight is None):
+            if flight is not None and self._snapshot_waiters:
+                await self._collect(flight)  # a snapshot needs every byte settled
+                flight = None
             self._between_steps()
             plan = self.scheduler.schedule()
             if not plan:
+                if flight is not None:
+                    await self._collect(flight)
+                    flight = None
+                    continue
                 self._wake.clear()
                 with contextlib.suppress(TimeoutError):
                     await asyncio.wait_for(self._wake.wait(), self.config.idle_wait_s)
                 continue
             t0 = time.perf_counter()
             try:
-                if self.config.threaded_steps:
-                    sampled, closed = await loop.run_in_executor(
-                        self._executor, self.runner.execute, plan
-                    )
-                else:
-                    sampled, closed = self.runner.execute(plan)
+                launched = await self._launch(plan)
             except Exception:
                 log.exception("step failed; closing the sessions in it")
-                for f in (*plan.decode, *plan.prefill, *plan.sample_only):
-                    if f.sid in self.sessions:
-                        self._close(self.sessions[f.sid])
+                self._close_plan(plan)
+                if flight is not None:
+                    await self._collect(flight)
+                    flight = None
                 continue
-            now = time.perf_counter()
-            self._account(plan, t0, now)
-            self._emit(self.scheduler.complete(plan, sampled), now)
-            self._segments(plan, closed)
+            if flight is not None:
+                await self._collect(flight)
+            flight = (plan, launched, t0)
+            if not self.pipelined:
+                await self._collect(flight)
+                flight = None
             await asyncio.sleep(0)  # let consumers and sockets run between steps
+
+    async def _launch(self, plan: StepPlan) -> Launched:
+        """Queue the step: on a GPU here (launching waits for nothing); elsewhere the worker
+        thread computes it."""
+        if self.runner.device.type == "cuda" or not self.config.threaded_steps:
+            return self.runner.launch(plan)
+        loop = asyncio.get_running_loop()
+        return await loop.run_in_executor(self._executor, self.runner.launch, plan)
+
+    async def _collect(self, flight: tuple[StepPlan, Launched, float]) -> None:
+        """Wait for a launched step (in the worker thread on a GPU) and hand out its bytes."""
+        plan, launched, t0 = flight
+        try:
+            if self.runner.device.type == "cuda" and self.config.threaded_steps:
+                loop = asyncio.get_running_loop()
+                sampled, closed = await loop.run_in_executor(
+                    self._executor, self.runner.collect, launched
+                )
+            else:
+                sampled, closed = self.runner.collect(launched)
+        except Exception:
+            log.exception("step failed; closing the sessions in it")
+            self._close_plan(plan)
+            return
+        now = time.perf_counter()
+        # A step's time runs from its launch, or from the step before it ending if it was
+        # queued behind that one: what the device took for it, as the host sees it.
+        self._account(plan, max(t0, self._last_collect), now)
+        self._last_collect = now
+        self._emit(self.scheduler.complete(plan, sampled), now)
+        self._segments(plan, closed)
+
+    def _close_plan(self, plan: StepPlan) -> None:
+        for f in (*plan.decode, *plan.prefill, *plan.sample_only):
+            if f.sid in self.sessions:
+                self._close(self.sessions[f.sid])
 
     def _between_steps(self) -> None:
         # Zero newly owned slots here rather than in the next plan: what is loaded into a slot
         # between steps (a memory version) must land after the zeroing, and a snapshot must not
         # read what the slot's last owner left there.
+        if self.scheduler.unsampled:  # before any counter reset a new turn's seed asks for
+            self.runner.uncount(self.scheduler.unsampled)
+            self.scheduler.unsampled.clear()
         for slot in self.scheduler.take_resets():
             self.runner.reset_slot(slot)
         for slot, snap in self._restores:

@@ -1,10 +1,13 @@
 """graphs.py: CUDA graphs for the batched decode, the one place that captures and replays them.
 
 One graph per batch bucket (1, 2, 4, ... max_slots). Inputs live in one static (4, max) long
-buffer (tokens, slots, positions, sample flags); a step writes its rows into a pinned host
-buffer through a NumPy view, pads the bucket with the scratch slot, copies it in and replays
-(two calls into torch per step, one copy and one replay: launching is on every step's critical
-path). The state pool is indexed by the slot tensor inside the graph, so no state is copied in
+buffer (tokens, slots, positions, flags); a step writes its rows into a pinned host buffer
+through a NumPy view, pads the bucket with the scratch slot, copies it in and replays (two calls
+into torch per step, one copy and one replay: launching is on every step's critical path). There
+are two pinned buffers, used by alternate launches: with two steps in flight, the rows of the
+second never overwrite those the first's copy has yet to read.
+
+The state pool is indexed by the slot tensor inside the graph, so no state is copied in
 or out. The eager function stays the reference (a test holds them equal).
 """
 
@@ -29,9 +32,12 @@ class DecodeGraphs:
         self.scratch = scratch
         self.device = device
         self.static_in = torch.zeros(4, buckets[-1], dtype=torch.long, device=device)
-        self.host_in = torch.zeros(4, buckets[-1], dtype=torch.long).pin_memory()
-        self.host_rows = self.host_in.numpy()  # where callers write a step's rows
-        self.views: dict[int, tuple[Tensor, Tensor]] = {}  # bucket -> (device, host) inputs
+        self.host_in = [
+            torch.zeros(4, buckets[-1], dtype=torch.long).pin_memory() for _ in range(2)
+        ]
+        self._next = 0  # the buffer the next launch reads
+        self.host_rows = self.host_in[0].numpy()  # where callers write the next step's rows
+        self.views: dict[int, tuple[Tensor, tuple[Tensor, ...]]] = {}  # bucket -> (device, hosts)
         self.graphs: dict[int, tuple[torch.cuda.CUDAGraph, Tensor]] = {}
         self.pool = torch.cuda.graph_pool_handle()
 
@@ -52,7 +58,7 @@ class DecodeGraphs:
         with torch.cuda.graph(graph, pool=self.pool):
             out = self.fn(self.static_in[:, :b])
         self.graphs[b] = (graph, out)
-        self.views[b] = (self.static_in[:, :b], self.host_in[:, :b])
+        self.views[b] = (self.static_in[:, :b], tuple(h[:, :b] for h in self.host_in))
 
     def capture_all(self) -> None:
         for b in reversed(self.buckets):  # largest first: smaller ones reuse its pool memory
@@ -69,8 +75,10 @@ class DecodeGraphs:
             self.capture(b)
         self.host_rows[:, n:b] = 0
         self.host_rows[1, n:b] = self.scratch
-        dst, src = self.views[b]
-        dst.copy_(src, non_blocking=True)
+        dst, srcs = self.views[b]
+        dst.copy_(srcs[self._next], non_blocking=True)
+        self._next ^= 1
+        self.host_rows = self.host_in[self._next].numpy()
         graph, out = self.graphs[b]
         graph.replay()
         return out

@@ -12,6 +12,14 @@ Work for the next step is queued before that sync, behind this step's on the dev
 keys/values of slots whose next byte enters a new segment, and the copies of closed segments. On
 a GPU the sync waits on an event recorded after the sampled ids, so it waits for neither; the
 host launches that work while the device still runs the step.
+
+A step is launched (`launch`: queued on the device, nothing waited for) and collected later
+(`collect`: the one sync), so the engine can launch step k+1 before it collects step k. Rows of
+step k+1 that feed a byte step k is still sampling (the scheduler's speculative feeds, flagged
+in the plan) take it on the device from `last_ids`, each slot's last sampled id; a row whose
+byte turns out to be EOS is sent to the scratch row, so the slot's state, logits and counter stay
+as they were. Launches alternate between two pinned buffers for rows and for sampled ids: a
+launch never writes into memory the step before it may still be reading.
 """
 
 from __future__ import annotations
@@ -48,6 +56,17 @@ class ClosedSegment:
     hidden: Tensor  # (S, D) captured hidden states, on the device
 
 
+@dataclass
+class Launched:
+    """A step on the device, not yet collected."""
+
+    plan: StepPlan
+    ids: Tensor | None  # sampled ids on the device (plan.samples order; decode rows padded)
+    host: Tensor | None  # their pinned host copy, ready after `ready`
+    ready: torch.cuda.Event | None
+    closed: list[ClosedSegment]
+
+
 class Runner:
     def __init__(self, model: ByteLM, cfg: EngineConfig, *, capture_segments: bool = False) -> None:
         self.cfg = cfg
@@ -65,6 +84,7 @@ class Runner:
         self.top_p = torch.ones(rows, device=dev)
         self.seed = torch.zeros(rows, dtype=torch.long, device=dev)
         self.counter = torch.zeros(rows, dtype=torch.long, device=dev)
+        self.last_ids = torch.zeros(rows, dtype=torch.long, device=dev)  # each slot's last sample
         M = cfg.memory_capacity
         self.memory = MemorySlots.empty(rows, mc.d_model, dev, capacity=M) if M else None
         self.mem_written = torch.zeros(
@@ -108,12 +128,14 @@ class Runner:
         self.cache = build_decode_cache(self.model, dtype) if self.device.type == "cuda" else None
         self._host_rows = torch.zeros(4, cfg.max_slots, dtype=torch.long)  # eager decode input
         self._host_np = self._host_rows.numpy()  # the same memory, for _rows
-        # The step's sampled ids land in pinned memory; an event after them is the step's sync.
-        self._ids_host: Tensor | None = None
-        self._ids_ready: torch.cuda.Event | None = None
+        # A step's sampled ids land in pinned memory; an event after them is the step's sync.
+        # Two of each, used by alternate launches (two steps may be in flight).
+        self._ids_host: list[Tensor] = []
+        self._ids_ready: list[torch.cuda.Event] = []
+        self._launches = 0
         if self.device.type == "cuda":
-            self._ids_host = torch.zeros(rows, dtype=torch.long).pin_memory()
-            self._ids_ready = torch.cuda.Event()  # type: ignore[no-untyped-call]
+            self._ids_host = [torch.zeros(rows, dtype=torch.long).pin_memory() for _ in range(2)]
+            self._ids_ready = [torch.cuda.Event() for _ in range(2)]  # type: ignore[no-untyped-call]
         self.graphs: DecodeGraphs | None = None
         decode_fn: Callable[[Tensor], Tensor] = self._decode_rows
         if cfg.compile:
@@ -227,11 +249,16 @@ class Runner:
     # ----- the step -----
 
     def _decode_rows(self, rows: Tensor) -> Tensor:
-        """rows (4, B) long: tokens, slots, positions, sample flags -> sampled ids (B,).
+        """rows (4, B) long: tokens, slots, positions, flags -> sampled ids (B,).
 
         The whole batched decode: recurrent step on the pool rows, logits and captured hidden
-        written back, and a sample for every row (rows with flag 0 do not advance their counter)."""
+        written back, and a sample for every row. Flag bit 0: the sample counts (others do not
+        advance their counter); bit 1: the token is the slot's last sampled id (a speculative
+        feed), and if that is EOS the row goes to the scratch row instead (nothing is fed)."""
         tokens, slots, pos, flag = rows[0], rows[1], rows[2], rows[3]
+        spec = flag >= 2
+        tokens = torch.where(spec, self.last_ids[slots], tokens)
+        slots = torch.where(spec & (tokens >= 256), self.scratch, slots)
         kv = (
             {i: (K[slots], V[slots], ok[slots]) for i, (K, V, ok) in self.mem_kv.items()}
             if self.mem_kv
@@ -262,11 +289,12 @@ class Runner:
             self.seed[slots],
             self.counter[slots],
         )
-        self.counter.index_add_(0, slots, flag)
+        self.counter.index_add_(0, slots, flag & 1)
+        self.last_ids.index_copy_(0, slots, out)
         return out
 
-    def _rows(self, feeds: tuple[Feed, ...], view: np.ndarray) -> None:
-        """Write the feeds' tokens, slots, positions and sample flags into view[:, :n] (4 rows of
+    def _rows(self, feeds: tuple[Feed, ...], spec: tuple[int, ...], view: np.ndarray) -> None:
+        """Write the feeds' tokens, slots, positions and flags into view[:, :n] (4 rows of
         int64: the graphs' pinned host buffer, or the eager path's). Through NumPy, the fields
         read by C-level getters and the one-byte feeds joined into one bytes object: at a
         thousand sessions this is on every step's critical path (a torch.tensor of nested lists
@@ -276,10 +304,21 @@ class Runner:
         view[1, :n] = np.fromiter(map(_SLOT, feeds), dtype=np.int64, count=n)
         view[2, :n] = np.fromiter(map(_START, feeds), dtype=np.int64, count=n)
         view[3, :n] = np.fromiter(map(_SAMPLE, feeds), dtype=np.int64, count=n)
+        if spec:
+            view[3, list(spec)] += 2
 
-    @torch.no_grad()
     def execute(self, plan: StepPlan) -> tuple[list[int], list[ClosedSegment]]:
         """Run a plan -> (sampled ids in plan.samples order, segments that closed)."""
+        return self.collect(self.launch(plan))
+
+    def uncount(self, slots: list[int]) -> None:
+        """Take back one counter step of each slot (a speculative sample that was void)."""
+        idx = torch.tensor(slots, device=self.device)
+        self.counter.index_add_(0, idx, torch.full_like(idx, -1))
+
+    @torch.no_grad()
+    def launch(self, plan: StepPlan) -> Launched:
+        """Queue a plan's step on the device; waits for nothing on a GPU (on a CPU it computes)."""
         for slot in plan.reset:
             self.reset_slot(slot)
         closed: list[ClosedSegment] = []
@@ -290,11 +329,11 @@ class Runner:
                 self.refreshed = self._refresh_kv([(f.slot, f.start) for f in plan.decode])
             n = len(plan.decode)
             if self.graphs is not None:
-                self._rows(plan.decode, self.graphs.host_rows)
+                self._rows(plan.decode, plan.spec, self.graphs.host_rows)
                 decoded = self.graphs.launch(n)  # the bucket's rows: the first n are the plan's
                 parts.append(decoded if n == len(decoded) else decoded[:n])
             else:
-                self._rows(plan.decode, self._host_np)
+                self._rows(plan.decode, plan.spec, self._host_np)
                 parts.append(self._decode_fn(self._host_rows[:, :n].to(self.device)))
             if self.seg_buf is not None:
                 S = self.S
@@ -313,25 +352,29 @@ class Runner:
         late = [f for f in (*plan.prefill, *plan.sample_only) if f.sample]
         if late:
             slots = torch.tensor([f.slot for f in late], device=self.device)
-            parts.append(
-                sample(
-                    self.logits[slots],
-                    self.temperature[slots],
-                    self.top_k[slots],
-                    self.top_p[slots],
-                    self.seed[slots],
-                    self.counter[slots],
-                )
+            ids = sample(
+                self.logits[slots],
+                self.temperature[slots],
+                self.top_k[slots],
+                self.top_p[slots],
+                self.seed[slots],
+                self.counter[slots],
             )
             self.counter.index_add_(0, slots, torch.ones_like(slots))
+            self.last_ids.index_copy_(0, slots, ids)
+            parts.append(ids)
         out = (parts[0] if len(parts) == 1 else torch.cat(parts)) if parts else None
         host: Tensor | None = None
-        if out is not None and self._ids_host is not None and self._ids_ready is not None:
-            if self._ids_host.shape[0] < out.shape[0]:
-                self._ids_host = torch.zeros(out.shape[0], dtype=torch.long).pin_memory()
-            host = self._ids_host[: out.shape[0]]
+        ready: torch.cuda.Event | None = None
+        if out is not None and self._ids_host:
+            i = self._launches % 2
+            self._launches += 1
+            if self._ids_host[i].shape[0] < out.shape[0]:
+                self._ids_host[i] = torch.zeros(out.shape[0], dtype=torch.long).pin_memory()
+            host = self._ids_host[i][: out.shape[0]]
             host.copy_(out, non_blocking=True)
-            self._ids_ready.record()
+            ready = self._ids_ready[i]
+            ready.record()
         if self.mem_kv:  # the keys/values the next step reads, queued behind this step's reads
             S, ahead = self.S, []
             for f in (*plan.decode, *plan.prefill):
@@ -340,15 +383,21 @@ class Runner:
                     ahead.append((f.slot, at))
             if ahead:
                 self._refresh_kv(ahead)
-        if out is None:
-            return [], closed
-        if host is not None and self._ids_ready is not None:
-            self._ids_ready.synchronize()  # sync: the one host sync of the step (the ids only)
-            ids = host.tolist()
+        return Launched(plan, out, host, ready, closed)
+
+    def collect(self, step: Launched) -> tuple[list[int], list[ClosedSegment]]:
+        """Wait for a launched step -> (sampled ids in plan.samples order, segments that closed).
+        Steps are collected in the order they were launched."""
+        if step.ids is None:
+            return [], step.closed
+        if step.host is not None and step.ready is not None:
+            step.ready.synchronize()  # sync: the one host sync of the step (the ids only)
+            ids = step.host.tolist()
         else:
-            ids = out.tolist()  # sync: the one host sync of the step
-        n = len(plan.decode)
-        return list(compress(ids[:n], map(_SAMPLE, plan.decode))) + ids[n:], closed
+            ids = step.ids.tolist()  # sync: the one host sync of the step
+        decode = step.plan.decode
+        n = len(decode)
+        return list(compress(ids[:n], map(_SAMPLE, decode))) + ids[n:], step.closed
 
     def _prefill(self, feeds: list[Feed]) -> list[ClosedSegment]:
         """Prefill feeds of one length together: one parallel pass over their slots."""

@@ -8,6 +8,18 @@ slot is free before the next plan.
 A step mixes, under one byte budget, prefill chunks of sessions with unread input and one byte
 for every generating session (its last sampled byte): there is no prefill phase and no decode
 phase. Sessions whose consumer lags are paused and skipped until it catches up.
+
+Pipelining: the next plan may be made while the last one still runs (the engine does so on a
+GPU, so the host plans step k+1 during step k's replay). A session whose sample is still in flight
+then feeds that byte without knowing it: a speculative feed (its index in `StepPlan.spec`) whose
+token the device takes from the slot's last sampled id. complete() of the earlier plan settles
+it: the byte counts as fed (not queued again); an EOS was never fed (the device skips a
+speculative row whose token is EOS, and the context shrinks back by one); a stop sequence that the
+byte completes voids the speculative row's sample (its slot is listed in `unsampled` for the
+runner to take back the sample's counter step). Input or a cancel that arrives while such a byte
+is in flight waits for it (`Seq.deferred`): the byte the model has read is emitted first, then
+the command applies, so what a turn emitted is always what its context holds. A speculative feed
+never closes a memory segment (`boundary`): those sessions wait one step instead.
 """
 
 from __future__ import annotations
@@ -51,7 +63,21 @@ class Seq:
     turn: Turn | None = None  # the active generation, if any
     paused: bool = False  # consumer lags: skip until resumed
     has_logits: bool = False  # the slot holds logits of the last fed byte
-    sampling: Turn | None = None  # the turn the sample of the last plan is for
+    # Samples in flight: the turn the oldest is for and the plan that drew it (-1: none), the
+    # turn of a newer one (a plan made before the older completed), and whether that newer plan
+    # fed the older sample's byte speculatively.
+    sampling: Turn | None = None
+    sampling_at: int = -1
+    sampling_next: Turn | None = None
+    spec: bool = False
+    # Commands that came while a speculative byte was in flight, applied once it is known:
+    # (input, params) for a submit, None for a cancel.
+    deferred: list[tuple[bytes, SamplingParams | None] | None] = field(default_factory=list)
+
+    @property
+    def queued(self) -> int:
+        """Input bytes not yet fed, deferred ones included."""
+        return len(self.pending) + sum(len(c[0]) for c in self.deferred if c is not None)
 
     @property
     def phase(self) -> Phase:
@@ -76,6 +102,8 @@ class StepPlan:
     decode: tuple[Feed, ...]  # one byte each: batched into one recurrent step
     prefill: tuple[Feed, ...]  # several bytes each: run through the parallel form
     sample_only: tuple[Feed, ...]  # no bytes: sample from the logits the slot already holds
+    spec: tuple[int, ...] = ()  # indices into decode whose byte is the slot's sample in flight
+    no: int = 0  # the plan's number (the scheduler counts them)
 
     @cached_property
     def samples(self) -> tuple[Feed, ...]:
@@ -101,10 +129,15 @@ Outcome = Emitted | Finished
 
 
 class Scheduler:
-    def __init__(self, max_slots: int, prefill_budget: int, prefill_chunk: int) -> None:
+    def __init__(
+        self, max_slots: int, prefill_budget: int, prefill_chunk: int, boundary: int = 0
+    ) -> None:
         self.max_slots = max_slots
         self.prefill_budget = prefill_budget
         self.prefill_chunk = prefill_chunk
+        self.boundary = boundary  # segment length a speculative feed must not close (0: none)
+        self.plans = 0  # plans made
+        self.unsampled: list[int] = []  # slots whose speculative sample was void (see top)
         self.seqs: dict[str, Seq] = {}
         self.free: deque[int] = deque(range(max_slots))
         self._reset: list[int] = []
@@ -148,6 +181,9 @@ class Scheduler:
     def submit(self, sid: str, data: bytes, params: SamplingParams | None) -> list[Outcome]:
         """Queue input; a turn in progress ends (INTERRUPTED), `params` (if any) starts the next."""
         seq = self.seqs[sid]
+        if seq.spec:
+            seq.deferred.append((data, params))
+            return []
         out = self._finish(seq, FinishReason.INTERRUPTED) if seq.turn else []
         seq.pending += data
         if params is not None and params.max_bytes > 0:
@@ -156,6 +192,9 @@ class Scheduler:
 
     def cancel(self, sid: str) -> list[Outcome]:
         seq = self.seqs[sid]
+        if seq.spec:
+            seq.deferred.append(None)
+            return []
         return self._finish(seq, FinishReason.CANCELLED) if seq.turn else []
 
     def pause(self, sid: str, paused: bool) -> None:
@@ -164,10 +203,13 @@ class Scheduler:
     # ----- planning -----
 
     def schedule(self) -> StepPlan:
+        no = self.plans = self.plans + 1
         decode: list[Feed] = []
+        spec: list[int] = []
         prefill: list[Feed] = []
         sample_only: list[Feed] = []
         running = waiting = 0
+        boundary = self.boundary
         for seq in self.seqs.values():
             turn = seq.turn
             pending = seq.pending
@@ -183,20 +225,37 @@ class Scheduler:
                 pending.clear()
                 seq.fed += 1
                 seq.has_logits = True
-                seq.sampling = turn
+                if turn is not None:
+                    self._sampling(seq, turn, no)
             elif pending:
                 if seq.sid not in self._queued:
                     self._queued.add(seq.sid)
                     self._rr.append(seq.sid)
+            elif seq.sampling is not None:
+                # Its sample is in flight: feed it speculatively while the turn goes on, unless
+                # that byte would close a segment (the runner captures segments at launch).
+                fed = seq.fed
+                if (
+                    turn is not None
+                    and turn is seq.sampling
+                    and not (boundary and (fed + 1) % boundary == 0)
+                ):
+                    more = len(turn.generated) + 1 < turn.params.max_bytes
+                    spec.append(len(decode))
+                    decode.append(Feed(seq.sid, seq.slot, BYTE[0], fed, more))
+                    seq.fed = fed + 1
+                    seq.spec = True
+                    if more:
+                        seq.sampling_next = turn
             elif turn is not None and not turn.generated:
                 if not seq.has_logits:
                     # Asked to generate before reading anything: start from a newline, the
                     # neutral start of a context, so there is a byte to predict from.
                     seq.pending.append(0x0A)
-                    decode.append(self._feed(seq, 1, True))
+                    decode.append(self._feed(seq, 1, True, no))
                 else:
                     sample_only.append(Feed(seq.sid, seq.slot, b"", seq.fed, True))
-                    seq.sampling = turn
+                    self._sampling(seq, turn, no)
         # Prefill: round-robin over sessions with more than one unread byte, a chunk each,
         # under the byte budget.
         budget = self.prefill_budget
@@ -214,10 +273,18 @@ class Scheduler:
                 continue
             n = min(len(seq.pending), self.prefill_chunk, budget)
             budget -= n
-            prefill.append(self._feed(seq, n, seq.turn is not None and n == len(seq.pending)))
+            prefill.append(self._feed(seq, n, seq.turn is not None and n == len(seq.pending), no))
         reset, self._reset = tuple(self._reset), []
         self.counts = (running, waiting)
-        return StepPlan(reset, tuple(decode), tuple(prefill), tuple(sample_only))
+        return StepPlan(reset, tuple(decode), tuple(prefill), tuple(sample_only), tuple(spec), no)
+
+    @staticmethod
+    def _sampling(seq: Seq, turn: Turn, no: int) -> None:
+        """Record that plan `no` samples for `turn` (behind a sample in flight, if any)."""
+        if seq.sampling is None:
+            seq.sampling, seq.sampling_at = turn, no
+        else:
+            seq.sampling_next = turn
 
     def take_resets(self) -> tuple[int, ...]:
         """Slots newly owned, for a caller that zeroes them itself before the next plan (the
@@ -225,14 +292,15 @@ class Scheduler:
         reset, self._reset = tuple(self._reset), []
         return reset
 
-    def _feed(self, seq: Seq, n: int, sample: bool) -> Feed:
+    def _feed(self, seq: Seq, n: int, sample: bool, no: int) -> Feed:
         data = bytes(seq.pending[:n])
         del seq.pending[:n]
         feed = Feed(seq.sid, seq.slot, data, seq.fed, sample)
         seq.fed += n
         seq.has_logits = True
         if sample:
-            seq.sampling = seq.turn
+            assert seq.turn is not None
+            self._sampling(seq, seq.turn, no)
         return feed
 
     # ----- results -----
@@ -244,20 +312,30 @@ class Scheduler:
             raise ValueError(f"plan sampled {len(samples)} rows, got {len(sampled)} bytes")
         out: list[Outcome] = []
         seqs = self.seqs
+        no = plan.no
+        later: list[Seq] = []  # sessions with commands that waited for this step's byte
         for feed, value in zip(samples, sampled, strict=True):
             seq = seqs.get(feed.sid)
-            turn = None if seq is None else seq.turn
-            if seq is None or turn is None or turn is not seq.sampling or seq.pending:
-                # Closed, cancelled or interrupted while the step ran (perhaps with a new turn
-                # already asked for): the sample belongs to a turn that is over. Drop it.
+            if seq is None or seq.sampling_at != no:
+                continue  # closed while the step ran (the id perhaps opened again since)
+            for_turn, turn, spec = seq.sampling, seq.turn, seq.spec
+            seq.sampling, seq.sampling_next, seq.spec = seq.sampling_next, None, False
+            seq.sampling_at = -1 if seq.sampling is None else no + 1
+            if spec and value >= 256:
+                seq.fed -= 1  # the device skipped the speculative row: EOS is never fed
+            if seq.deferred:
+                later.append(seq)
+            if turn is None or turn is not for_turn or (seq.pending and not spec):
+                # Cancelled or interrupted while the step ran (perhaps with a new turn already
+                # asked for): the sample belongs to a turn that is over. Drop it.
                 continue
-            seq.sampling = None
             if value >= 256:
                 out += self._finish(seq, FinishReason.EOS)
                 continue
             generated = turn.generated
             generated.append(value)
-            seq.pending.append(value)  # the sampled byte is read back next step
+            if not spec:
+                seq.pending.append(value)  # the sampled byte is read back next step
             if not turn.max_stop:  # no stop sequences: nothing is held back
                 n = len(generated)
                 if turn.emitted == n - 1:
@@ -270,6 +348,8 @@ class Scheduler:
                 if hit is not None:
                     del generated[len(generated) - len(hit) :]
                     out += self._finish(seq, FinishReason.STOP, output=len(generated) + len(hit))
+                    if seq.sampling is turn:  # the speculative row sampled for this turn
+                        self.unsampled.append(seq.slot)
                     continue
                 hold = _stop_prefix_len(generated, turn.params.stop, turn.max_stop)
                 if len(generated) - hold > turn.emitted:
@@ -279,6 +359,15 @@ class Scheduler:
                     turn.emitted = len(generated) - hold
             if len(generated) >= turn.params.max_bytes:
                 out += self._finish(seq, FinishReason.LENGTH)
+        for seq in later:
+            out += self._apply_deferred(seq)
+        return out
+
+    def _apply_deferred(self, seq: Seq) -> list[Outcome]:
+        out: list[Outcome] = []
+        commands, seq.deferred = seq.deferred, []
+        for c in commands:
+            out += self.cancel(seq.sid) if c is None else self.submit(seq.sid, *c)
         return out
 
     def _finish(self, seq: Seq, reason: FinishReason, output: int | None = None) -> list[Outcome]:

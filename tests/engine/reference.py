@@ -45,9 +45,12 @@ def make_model(seed: int = 0, config: ModelConfig = CONFIG) -> ByteLM:
     return ByteLM(config).eval()
 
 
+PIPELINE: list[bool | None] = [None]  # set by the `pipelined` fixture (conftest.py)
+
+
 def engine_config(**changes: object) -> EngineConfig:
     base: dict[str, object] = dict(
-        max_slots=4, prefill_budget=24, prefill_chunk=16, idle_wait_s=0.01
+        max_slots=4, prefill_budget=24, prefill_chunk=16, idle_wait_s=0.01, pipeline=PIPELINE[0]
     )
     base.update(changes)
     return EngineConfig(**base)  # type: ignore[arg-type]

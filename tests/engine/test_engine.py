@@ -36,6 +36,8 @@ from tests.engine.reference import (
     until,
 )
 
+pytestmark = pytest.mark.usefixtures("pipelined")
+
 PROMPTS = [
     b"a",
     b"hello",

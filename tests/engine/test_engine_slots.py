@@ -3,6 +3,7 @@ the model, announced to the caller), and snapshots that restore bit-exactly."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from torch import Tensor
 
@@ -10,6 +11,8 @@ from engine import Engine, FinishReason, MemoryNotice, MemoryUpdate, SamplingPar
 from model import ByteLM, MemorySlots, age_bucket
 from model.lm import ReadBlock
 from tests.engine.reference import CONFIG, Reader, RefSession, engine_config, reference, until
+
+pytestmark = pytest.mark.usefixtures("pipelined")
 
 # ----- memory -----
 

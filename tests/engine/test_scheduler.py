@@ -5,7 +5,10 @@ A hypothesis state machine admits, releases and reuses sessions, submits random 
 sampling parameters (max_bytes, stop sequences), cancels, pauses and resumes, and runs steps
 through a fake runner that returns bytes from a small alphabet (so stop sequences happen) and
 now and then EOS. A step may be left in flight while commands arrive, as in the engine, where
-the runner works in a thread while the event loop takes input.
+the runner works in a thread while the event loop takes input. Pipelined runs plan step k+1
+before step k completes, as the engine does on a GPU: sessions whose sample is in flight feed it
+speculatively, and the model checks how complete() settles those feeds (the byte fed once, EOS
+taken back, a stop sequence's void sample reported in `unsampled`).
 
 The model keeps, per session, the bytes it is owed to the runner (admitted input and accepted
 samples, in order), the bytes the plans fed, and the turn in progress. Checked on every plan and
@@ -71,6 +74,8 @@ class ModelSession:
     fed: bytearray = field(default_factory=bytearray)  # what the plans fed, in order
     turn: ModelTurn | None = None
     paused: bool = False
+    spec: int | None = None  # offset of a speculative feed of the sample in flight
+    deferred: list[tuple[bytes, SamplingParams | None] | None] = field(default_factory=list)
 
 
 class SchedulerMachine(RuleBasedStateMachine):
@@ -79,15 +84,28 @@ class SchedulerMachine(RuleBasedStateMachine):
         budget=st.integers(1, 12),
         chunk=st.integers(1, 8),
         n=st.integers(1, 4),
+        pipelined=st.booleans(),
+        boundary=st.sampled_from([0, 0, 2, 3]),
         data=st.data(),
     )
-    def setup(self, max_slots: int, budget: int, chunk: int, n: int, data: st.DataObject) -> None:
-        self.sched = Scheduler(max_slots, budget, chunk)
+    def setup(
+        self,
+        max_slots: int,
+        budget: int,
+        chunk: int,
+        n: int,
+        pipelined: bool,
+        boundary: int,
+        data: st.DataObject,
+    ) -> None:
+        self.sched = Scheduler(max_slots, budget, chunk, boundary)
         self.max_slots, self.budget = max_slots, budget
+        self.pipelined, self.boundary = pipelined, boundary
         self.live: dict[str, ModelSession] = {}
         self.released: list[str] = []
         self.unreset: set[int] = set()  # slots admitted since the last plan
-        self.inflight: tuple[StepPlan, list[tuple[ModelSession, int | None]]] | None = None
+        # Plans in flight, oldest first (two at most when pipelined), with their samplers.
+        self.inflight: list[tuple[StepPlan, list[tuple[ModelSession, int | None]]]] = []
         self.ids = count()
         self.tids = count()
         for _ in range(min(n, max_slots)):
@@ -100,13 +118,17 @@ class SchedulerMachine(RuleBasedStateMachine):
         return self.live[data.draw(st.sampled_from(sorted(self.live)), label="session")]
 
     def end_turn(self, s: ModelSession, reason: FinishReason, outcomes: list[Outcome]) -> None:
-        """Apply one session's outcomes: Emitted data first, then exactly one Finished(reason)."""
+        """Take one session's outcomes up to its first Finished out of `outcomes`: Emitted data
+        first, then exactly one Finished(reason)."""
         turn = s.turn
         assert turn is not None
         mine = [o for o in outcomes if o.sid == s.sid]
-        assert mine and isinstance(mine[-1], Finished), f"{s.sid}: no Finished in {mine}"
+        end = next((i for i, o in enumerate(mine) if isinstance(o, Finished)), None)
+        assert end is not None, f"{s.sid}: no Finished in {mine}"
+        mine = mine[: end + 1]
+        for o in mine:
+            outcomes.remove(o)
         for o in mine[:-1]:
-            assert isinstance(o, Emitted), f"{s.sid}: two Finished in {mine}"
             self.emit(turn, o.data)
         done = mine[-1]
         assert isinstance(done, Finished)
@@ -132,11 +154,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert turn.generated.startswith(turn.emitted), "emitted bytes that were not generated"
 
     def only_emitted(self, s: ModelSession, outcomes: list[Outcome]) -> None:
-        for o in outcomes:
-            if o.sid == s.sid:
-                assert isinstance(o, Emitted), f"{s.sid}: unexpected {o}"
-                assert s.turn is not None
-                self.emit(s.turn, o.data)
+        for o in [o for o in outcomes if o.sid == s.sid]:
+            assert isinstance(o, Emitted), f"{s.sid}: unexpected {o}"
+            assert s.turn is not None
+            self.emit(s.turn, o.data)
+            outcomes.remove(o)
 
     # ----- commands (also drawn while a step is in flight) -----
 
@@ -169,6 +191,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         else:
             assert not out
         del self.live[s.sid]
+        s.deferred.clear()
         self.released.append(s.sid)
         self.unreset.discard(s.slot)
         assert s.slot in self.sched.free
@@ -178,10 +201,19 @@ class SchedulerMachine(RuleBasedStateMachine):
         payload = data.draw(st.binary(max_size=12), label="payload")
         params = data.draw(st.none() | params_strategy | params_strategy, label="params")
         out = self.sched.submit(s.sid, payload, params)
+        if s.spec is not None:  # waits for the speculative byte in flight
+            assert not out
+            s.deferred.append((payload, params))
+            return
+        self.apply_submit(s, payload, params, out)
+
+    def apply_submit(
+        self, s: ModelSession, payload: bytes, params: SamplingParams | None, out: list[Outcome]
+    ) -> None:
         if s.turn is not None:
             self.end_turn(s, FinishReason.INTERRUPTED, out)
         else:
-            assert not out
+            assert not [o for o in out if o.sid == s.sid]
         s.owed += payload
         if params is not None and params.max_bytes > 0:
             s.turn = ModelTurn(next(self.tids), params, len(payload))
@@ -189,10 +221,17 @@ class SchedulerMachine(RuleBasedStateMachine):
     def do_cancel(self, data: st.DataObject) -> None:
         s = self.pick(data)
         out = self.sched.cancel(s.sid)
+        if s.spec is not None:
+            assert not out
+            s.deferred.append(None)
+            return
+        self.apply_cancel(s, out)
+
+    def apply_cancel(self, s: ModelSession, out: list[Outcome]) -> None:
         if s.turn is not None:
             self.end_turn(s, FinishReason.CANCELLED, out)
         else:
-            assert not out
+            assert not [o for o in out if o.sid == s.sid]
 
     def do_pause(self, data: st.DataObject) -> None:
         s = self.pick(data)
@@ -231,14 +270,22 @@ class SchedulerMachine(RuleBasedStateMachine):
 
     @rule(data=st.data(), n=st.integers(1, 8))
     def step(self, data: st.DataObject, n: int) -> None:
-        """n steps; between a plan and its completion, commands may arrive (the step is running)."""
+        """n steps; between a plan and its completion, commands may arrive (the step is running).
+        Pipelined, each plan is made while the one before it is still in flight."""
         for _ in range(n):
             before = (self.sched.running, self.sched.waiting)
             self.check_plan(self.sched.schedule())
             assert self.sched.counts == before  # what the metrics gauges show, found on the way
             for _ in range(data.draw(st.sampled_from([0, 0, 0, 1, 2]), label="commands in flight")):
                 self.command(data)
-            self.complete(data)
+            if len(self.inflight) > self.pipelined:
+                self.complete(data)
+
+    @precondition(lambda self: self.inflight)
+    @rule(data=st.data())
+    def complete_oldest(self, data: st.DataObject) -> None:
+        """The engine completes a plan without making another (nothing left to plan)."""
+        self.complete(data)
 
     def check_plan(self, plan: StepPlan) -> None:
         assert set(plan.reset) == self.unreset, f"reset {plan.reset}, admitted {self.unreset}"
@@ -252,6 +299,9 @@ class SchedulerMachine(RuleBasedStateMachine):
         assert all(f.data for f in plan.prefill)
         assert all(not f.data and f.sample for f in plan.sample_only)
         samplers: list[tuple[ModelSession, int | None]] = []
+        flying = self.flying()
+        spec = {plan.decode[i].sid for i in plan.spec}
+        assert len(spec) == len(plan.spec)
         for f in feeds:
             s = self.live.get(f.sid)
             assert s is not None, f"released session {f.sid} planned"
@@ -259,6 +309,19 @@ class SchedulerMachine(RuleBasedStateMachine):
             assert not s.paused, f"paused session {f.sid} planned"
             assert f.start == len(s.fed)
             turn = s.turn
+            if f.sid in spec:
+                # The sample in flight, fed before it is known: only while its turn goes on,
+                # nothing else owed, never closing a segment.
+                assert turn is not None and flying.get(f.sid) == turn.tid, f"{f.sid}: spec"
+                assert not s.owed and s.spec is None
+                assert not self.boundary or (f.start + 1) % self.boundary
+                s.spec = f.start
+                s.fed.append(0)  # a placeholder until the step in flight says which byte
+                assert f.sample == (len(turn.generated) + 1 < turn.params.max_bytes)
+                continue
+            assert f.sid not in flying or turn is None or flying[f.sid] != turn.tid, (
+                f"{f.sid}: planned while its sample is in flight"
+            )
             if f.data == b"\n" and not s.owed and not s.fed:
                 # A turn asked for before any input starts from a newline (the scheduler's rule).
                 assert turn is not None and not turn.generated
@@ -272,10 +335,11 @@ class SchedulerMachine(RuleBasedStateMachine):
         for f in plan.samples:
             s = self.live[f.sid]
             samplers.append((s, s.turn.tid if s.turn else None))
-        # Work conservation: nobody who can advance is left out of the batched step.
+        # Work conservation: nobody who can advance is left out of the batched step (a session
+        # whose sample is in flight may wait for it).
         planned = set(sids)
         for s in self.live.values():
-            if s.paused:
+            if s.paused or s.sid in flying:
                 continue
             if len(s.owed) == 1 or (
                 s.turn is not None and not s.turn.generated and not s.owed and s.sid not in planned
@@ -283,40 +347,75 @@ class SchedulerMachine(RuleBasedStateMachine):
                 assert s.sid in planned, f"{s.sid} could advance but was not planned"
         if any(len(s.owed) > 1 and not s.paused for s in self.live.values()) or plan.prefill:
             assert plan.prefill, "input waiting but nothing prefilled"
-        self.inflight = (plan, samplers)
+        self.inflight.append((plan, samplers))
+
+    def flying(self) -> dict[str, int | None]:
+        """Sessions with a sample in flight -> the turn it is for (the oldest plan's)."""
+        out: dict[str, int | None] = {}
+        for _, samplers in self.inflight:
+            for s, tid in samplers:
+                if self.live.get(s.sid) is s:
+                    out.setdefault(s.sid, tid)
+        return out
 
     def complete(self, data: st.DataObject | None) -> None:
-        """Finish the step in flight with ids from `data` (None: all "z", which ends no turn)."""
-        assert self.inflight is not None
-        plan, samplers = self.inflight
-        self.inflight = None
+        """Finish the oldest step in flight with ids from `data` (None: all "z", which ends no
+        turn)."""
+        plan, samplers = self.inflight.pop(0)
         ids = [data.draw(sampled_ids, label="sampled") if data else ord("z") for _ in plan.samples]
         out = self.sched.complete(plan, ids)
         ended: dict[str, FinishReason] = {}
+        unsampled = []
         for (s, tid), value in zip(samplers, ids, strict=True):
             turn = s.turn
-            if self.live.get(s.sid) is not s or turn is None or turn.tid != tid:
+            spec, s.spec = s.spec, None
+            if self.live.get(s.sid) is not s:
+                continue  # closed while the step ran
+            if spec is not None:
+                event("speculative feed")
+                if value >= 256:
+                    event("speculative feed of EOS")
+                    assert len(s.fed) == spec + 1
+                    del s.fed[spec]  # EOS is never fed
+                else:
+                    s.fed[spec] = value
+            if turn is None or turn.tid != tid:
                 event("sample void")
-                continue  # closed, cancelled or interrupted while the step ran: the sample is void
+                continue  # cancelled or interrupted while the step ran: the sample is void
             if value >= 256:
                 ended[s.sid] = FinishReason.EOS
                 continue
             turn.generated.append(value)
-            s.owed.append(value)
+            if spec is None:
+                s.owed.append(value)
             if any(turn.generated.endswith(x) for x in turn.params.stop):
                 ended[s.sid] = FinishReason.STOP
+                if spec is not None and len(turn.generated) < turn.params.max_bytes:
+                    event("speculative sample void by a stop sequence")
+                    unsampled.append(s.slot)  # the speculative row sampled for this turn
             elif len(turn.generated) >= turn.params.max_bytes:
                 ended[s.sid] = FinishReason.LENGTH
+        assert sorted(self.sched.unsampled) == sorted(unsampled)
+        self.sched.unsampled.clear()
         touched = {o.sid for o in out}
         assert touched <= {s.sid for s, _ in samplers}, (
             f"outcomes for sessions not in the plan: {out}"
         )
-        for sid in touched | set(ended):
+        waited = {s.sid for s, _ in samplers if self.live.get(s.sid) is s and s.deferred}
+        for sid in touched | set(ended) | waited:
             s = self.live[sid]
             if sid in ended:
                 self.end_turn(s, ended[sid], out)
-            else:
-                self.only_emitted(s, out)
+            if s.deferred:  # commands that waited for this byte apply now, in order
+                event("command waited for a speculative byte")
+                commands, s.deferred = s.deferred, []
+                for c in commands:
+                    if c is None:
+                        self.apply_cancel(s, out)
+                    else:
+                        self.apply_submit(s, *c, out)
+            self.only_emitted(s, out)
+        assert not out, f"outcomes left unexplained: {out}"
         for s in self.live.values():
             if s.turn is not None:
                 # Only a possible stop sequence is held back; everything else is out.
@@ -350,7 +449,7 @@ class SchedulerMachine(RuleBasedStateMachine):
         """Drain: resume all, step until nothing is left; every byte is fed, every turn ends."""
         if not hasattr(self, "sched"):
             return
-        if self.inflight is not None:
+        while self.inflight:
             self.complete(None)
         for s in self.live.values():
             self.sched.pause(s.sid, False)
