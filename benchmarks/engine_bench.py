@@ -9,7 +9,11 @@ Two measurements, each printing a table and writing JSON:
   at each batch size and context length, eager vs CUDA graphs (vs torch.compile + graphs). The
   context is prefilled once for real (the parallel form, chunked), then its state is copied into
   every slot: a recurrent model's decode cost depends only on its fixed-size state, which is
-  what this grid shows (flat in context length).
+  what this grid shows (flat in context length). Beside the runner's step alone, each point also
+  times the scheduler and runner together (plan, launch, collect, complete: every session
+  generating, turns that end restarted), once collecting each step before planning the next and
+  once pipelined as the engine runs on a GPU (step k+1 planned and launched before step k is
+  collected).
 
 Needs only torch (and the project's engine/ and model/): it runs on a bare GPU machine.
 """
@@ -28,8 +32,8 @@ from typing import Any
 import torch
 
 from engine import Delta, Done, Engine, EngineConfig, SamplingParams
-from engine.runner import Runner
-from engine.scheduler import Feed, StepPlan
+from engine.runner import Launched, Runner
+from engine.scheduler import Emitted, Feed, Scheduler, StepPlan
 from model import ByteLM, ModelConfig
 
 
@@ -57,9 +61,17 @@ def pct(values: list[float], q: float) -> float:
 
 
 async def _serve(
-    model: ByteLM, device: str, sessions: int, nbytes: int, prompt: bytes, concurrent: bool
+    model: ByteLM,
+    device: str,
+    sessions: int,
+    nbytes: int,
+    prompt: bytes,
+    concurrent: bool,
+    **options: Any,
 ) -> dict[str, Any]:
-    cfg = EngineConfig(max_slots=sessions if concurrent else 1, device=device, lag_limit=1 << 20)
+    cfg = EngineConfig(
+        max_slots=sessions if concurrent else 1, device=device, lag_limit=1 << 20, **options
+    )
     engine = Engine(model, cfg)
     await engine.start()
     ttft: list[float] = []
@@ -100,40 +112,81 @@ async def _serve(
         "ttft_ms": {"p50": 1e3 * pct(ttft, 0.5), "p99": 1e3 * pct(ttft, 0.99)},
         "itl_ms": {"p50": 1e3 * pct(itl, 0.5), "p99": 1e3 * pct(itl, 0.99)},
         "steps": engine.metrics.steps,
+        "pipelined": engine.pipelined,
     }
 
 
 def serve(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model, args.device)
     prompt = (b"The quick brown fox jumps over the lazy dog. " * 8)[: args.prompt]
-    asyncio.run(_serve(model, args.device, min(4, args.sessions), 8, prompt, True))  # warm up
-    batched = asyncio.run(_serve(model, args.device, args.sessions, args.bytes, prompt, True))
-    baseline = asyncio.run(_serve(model, args.device, args.sessions, args.bytes, prompt, False))
-    result = {
+    options: dict[str, Any] = {"compile": args.compile, "decode_dtype": args.decode_dtype}
+    if args.device.startswith("cuda"):
+        torch.set_float32_matmul_precision("high")
+
+    def go(sessions: int, concurrent: bool, pipeline: bool | None) -> dict[str, Any]:
+        return asyncio.run(
+            _serve(
+                model,
+                args.device,
+                sessions,
+                args.bytes,
+                prompt,
+                concurrent,
+                pipeline=pipeline,
+                **options,
+            )
+        )
+
+    pipes: list[bool | None] = {
+        "auto": [None],
+        "on": [True],
+        "off": [False],
+        "both": [False, True],
+    }[args.pipeline]
+    go(min(4, args.sessions), True, pipes[0])  # warm up (compiles, when asked)
+    runs: dict[str, dict[str, Any]] = {}
+    for pipe in pipes:
+        name = (
+            "batched" if len(pipes) == 1 else "batched-serial" if not pipe else "batched-pipelined"
+        )
+        runs[name] = go(args.sessions, True, pipe)
+    batched = runs.get("batched") or runs["batched-pipelined"]
+    if args.baseline:
+        runs["baseline"] = go(args.sessions, False, pipes[-1])
+    result: dict[str, Any] = {
         "bench": "engine.serve",
         "model": args.model,
         "device": args.device,
         "sessions": args.sessions,
         "bytes": args.bytes,
         "prompt": len(prompt),
+        **options,
+        **runs,
         "batched": batched,
-        "baseline": baseline,
-        "speedup": batched["tokens_per_s"] / baseline["tokens_per_s"],
         "ttft_ms": batched["ttft_ms"],
         "itl_ms": batched["itl_ms"],
     }
+    if "baseline" in runs:
+        result["speedup"] = batched["tokens_per_s"] / runs["baseline"]["tokens_per_s"]
+    if "batched-serial" in runs:
+        result["pipelined_speedup"] = (
+            runs["batched-pipelined"]["tokens_per_s"] / runs["batched-serial"]["tokens_per_s"]
+        )
     print(
         f"engine serve: {args.model} on {args.device}, {args.sessions} sessions x {args.bytes} bytes, prompt {len(prompt)} B"
     )
     print(
-        f"{'run':<10} {'tokens/s':>12} {'seconds':>9} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>9} {'ITL p99':>9}"
+        f"{'run':<18} {'tokens/s':>12} {'seconds':>9} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>9} {'ITL p99':>9}"
     )
-    for name, r in (("batched", batched), ("baseline", baseline)):
+    for name, r in runs.items():
         print(
-            f"{name:<10} {r['tokens_per_s']:>12,.0f} {r['seconds']:>9.2f} {r['ttft_ms']['p50']:>8.1f}ms {r['ttft_ms']['p99']:>8.1f}ms "
+            f"{name:<18} {r['tokens_per_s']:>12,.0f} {r['seconds']:>9.2f} {r['ttft_ms']['p50']:>8.1f}ms {r['ttft_ms']['p99']:>8.1f}ms "
             f"{r['itl_ms']['p50']:>7.2f}ms {r['itl_ms']['p99']:>7.2f}ms"
         )
-    print(f"speedup batched / baseline: {result['speedup']:.1f}x")
+    if "speedup" in result:
+        print(f"speedup batched / baseline: {result['speedup']:.1f}x")
+    if "pipelined_speedup" in result:
+        print(f"pipelined / serial: {result['pipelined_speedup']:.2f}x")
     return result
 
 
@@ -161,6 +214,45 @@ def _time_steps(runner: Runner, plan: StepPlan, steps: int) -> list[float]:
         runner.execute(plan)  # ends with the step's one host sync
         times.append(time.perf_counter() - t0)
     return times
+
+
+def _time_loop(runner: Runner, batch: int, ctx: int, steps: int, pipelined: bool) -> float:
+    """Bytes per second of the scheduler and runner together with `batch` sessions generating
+    (their slots already hold the context's state): the engine's loop without its asyncio and
+    collectors. A turn that ends (EOS) starts again, as new requests would."""
+    sched = Scheduler(batch, 1 << 20, 1 << 20)
+    params = SamplingParams(max_bytes=1 << 30, temperature=1.0)
+    for i in range(batch):
+        sched.adopt(f"s{i}", ctx, b"a")
+        sched.submit(f"s{i}", b"", params)
+    flight: tuple[StepPlan, Launched] | None = None
+    emitted = 0
+
+    def collect(flight: tuple[StepPlan, Launched]) -> int:
+        ids, _ = runner.collect(flight[1])
+        n = 0
+        for o in sched.complete(flight[0], ids):
+            if isinstance(o, Emitted):
+                n += len(o.data)
+            else:
+                sched.submit(o.sid, b"", params)
+        return n
+
+    for i in range(steps + 3):
+        if i == 3:  # warm: the sample-only and prefill paths have run too
+            _sync(runner.cfg.device)
+            t0, emitted = time.perf_counter(), 0
+        plan = sched.schedule()
+        launched = runner.launch(plan)
+        if flight is not None:
+            emitted += collect(flight)
+        flight = (plan, launched)
+        if not pipelined:
+            emitted += collect(flight)
+            flight = None
+    if flight is not None:
+        emitted += collect(flight)
+    return emitted / (time.perf_counter() - t0)
 
 
 def graph_ms(graph: torch.cuda.CUDAGraph, replays: int = 20, repeats: int = 5) -> float:
@@ -243,6 +335,8 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                 times = _time_steps(runner, plan, args.steps)
                 med = statistics.median(times)
                 replay = _replay_ms(runner, batch)
+                serial = _time_loop(runner, batch, ctx, args.steps, pipelined=False)
+                piped = _time_loop(runner, batch, ctx, args.steps, pipelined=True)
                 r = {
                     "batch": batch,
                     "mode": mode,
@@ -252,6 +346,8 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                     "tokens_per_s": batch / med,
                     "replay_ms": replay,
                     "replay_tokens_per_s": batch / (replay / 1e3) if replay else None,
+                    "loop_tokens_per_s": serial,
+                    "pipelined_tokens_per_s": piped,
                     "setup_s": setup_s,
                     "prefill_bytes_per_s": prefill_rate[ctx],
                 }
@@ -262,7 +358,8 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                     else ""
                 )
                 print(
-                    f"{mode:<8} batch {batch:>5} ctx {ctx:>8,}: {1e3 * med:8.3f} ms/step {batch / med:>12,.0f} tok/s{extra}",
+                    f"{mode:<8} batch {batch:>5} ctx {ctx:>8,}: {1e3 * med:8.3f} ms/step {batch / med:>12,.0f} tok/s{extra}"
+                    f"  loop {serial:,.0f}, pipelined {piped:,.0f} tok/s ({piped / serial:.2f}x)",
                     flush=True,
                 )
             del runner
@@ -280,7 +377,10 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
     print(
         f"\n{args.model}: {model.num_parameters():,} params, state {state_bytes:,} B per session; tokens/s per engine step"
     )
-    print(f"{'context':>9} {'batch':>6} " + " ".join(f"{m:>14}" for m in modes))
+    print(
+        f"{'context':>9} {'batch':>6} "
+        + " ".join(f"{m:>14} {'loop':>10} {'pipelined':>10}" for m in modes)
+    )
     for ctx in contexts:
         for batch in batches:
             cells = []
@@ -290,7 +390,16 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                     for x in rows
                     if x["context"] == ctx and x["batch"] == batch and x["mode"] == m
                 )
-                cells.append(f"{r.get('tokens_per_s', float('nan')):>14,.0f}")
+                cells.append(
+                    " ".join(
+                        f"{r.get(k, float('nan')):>{w},.0f}"
+                        for k, w in (
+                            ("tokens_per_s", 14),
+                            ("loop_tokens_per_s", 10),
+                            ("pipelined_tokens_per_s", 10),
+                        )
+                    )
+                )
             print(f"{ctx:>9,} {batch:>6} " + " ".join(cells))
     return result
 
@@ -490,6 +599,22 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("inline", "thread"),
         default="inline",
         help="--memory: compress in the decode thread on a side stream, or in a worker thread",
+    )
+    p.add_argument("--compile", action="store_true", help="serve: torch.compile the decode step")
+    p.add_argument(
+        "--decode-dtype", default="float32", help="serve: float32 or bfloat16 matmul weights"
+    )
+    p.add_argument(
+        "--pipeline",
+        choices=("auto", "on", "off", "both"),
+        default="auto",
+        help="serve: plan step k+1 before collecting step k (auto: on a GPU); both: one run each",
+    )
+    p.add_argument(
+        "--no-baseline",
+        dest="baseline",
+        action="store_false",
+        help="serve: skip the one-session-at-a-time run (slow at many sessions)",
     )
     p.add_argument("--json", default=None, help="write the result here")
 

@@ -42,6 +42,9 @@ from model import ByteLM, MemorySlots, age_bucket
 from model.decode_cache import build_decode_cache, refresh_decode_cache
 from model.lm import ReadBlock
 
+# Largest decode bucket whose compiled sampler keeps inductor's persistent reductions.
+SAMPLER_PERSISTENT_ROWS = 256
+
 # Feed's fields by position (C-level getters: the per-step loops over a thousand feeds use them).
 _SLOT, _DATA, _START, _SAMPLE = (
     itemgetter(Feed._fields.index(k)) for k in ("slot", "data", "start", "sample")
@@ -137,18 +140,30 @@ class Runner:
             self._ids_host = [torch.zeros(rows, dtype=torch.long).pin_memory() for _ in range(2)]
             self._ids_ready = [torch.cuda.Event() for _ in range(2)]  # type: ignore[no-untyped-call]
         self.graphs: DecodeGraphs | None = None
-        decode_fn: Callable[[Tensor], Tensor] = self._decode_rows
+        self._model_fn: Callable[[Tensor], tuple[Tensor, Tensor, Tensor]] = self._decode_model
+        self._sample_fns: tuple[Callable[[Tensor, Tensor, Tensor], Tensor], ...] = (
+            self._decode_sample,
+        )
         if cfg.compile:
             # One compiled variant per batch bucket (and per runner): past dynamo's default
             # recompile limit (8) it would silently fall back to eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-            decode_fn = torch.compile(
-                decode_fn, dynamic=False, mode=mode
-            )  # graphs are captured by DecodeGraphs
-        self._decode_fn = decode_fn
+            self._model_fn = torch.compile(self._decode_model, dynamic=False, mode=mode)
+            # The sampler compiled on its own, twice: inductor's persistent reductions (one
+            # program holds a row's 260 logits) win up to a few hundred rows and lose 2x at a
+            # thousand (measured on an H100: docs/BENCHMARKS.md), so large buckets go without.
+            self._sample_fns = tuple(
+                torch.compile(
+                    self._decode_sample,
+                    dynamic=False,
+                    options={"triton.persistent_reductions": persistent},
+                )
+                for persistent in (True, False)
+            )
+        self._decode_fn = self._decode_rows  # graphs are captured by DecodeGraphs
         if self.device.type == "cuda" and cfg.cuda_graphs:
-            self.graphs = DecodeGraphs(decode_fn, cfg.buckets, self.scratch, dev)
+            self.graphs = DecodeGraphs(self._decode_rows, cfg.buckets, self.scratch, dev)
 
     # ----- per-slot setup -----
 
@@ -225,15 +240,19 @@ class Runner:
             return 0
         for slot, at in stale:
             self.kv_segment[slot] = at // S
-        idx = torch.tensor(stale).T.contiguous()  # (2, n): slots, offsets
-        if self.device.type == "cuda":
-            idx = idx.pin_memory().to(self.device, non_blocking=True)
-        slots, pos = idx[0], idx[1]
+        slots, pos = self._to_device(torch.tensor(stale).T.contiguous())  # slots, offsets
         mem = self._memory_for(slots, pos)
         for i, (K, V, valid) in self.mem_kv.items():
             k, v, ok = self.reads[i].memory_kv(mem, len(stale))
             K[slots], V[slots], valid[slots] = k, v, ok
         return len(stale)
+
+    def _to_device(self, t: Tensor) -> Tensor:
+        """A host tensor onto the device without waiting for the device: on a GPU through pinned
+        memory, so a step queued behind one still running does not stall the host."""
+        if self.device.type != "cuda":
+            return t
+        return t.contiguous().pin_memory().to(self.device, non_blocking=True)
 
     def _memory_for(self, slots: Tensor, pos: Tensor) -> MemorySlots | None:
         if self.memory is None:
@@ -255,6 +274,12 @@ class Runner:
         written back, and a sample for every row. Flag bit 0: the sample counts (others do not
         advance their counter); bit 1: the token is the slot's last sampled id (a speculative
         feed), and if that is EOS the row goes to the scratch row instead (nothing is fed)."""
+        logits, slots, flag = self._model_fn(rows)
+        large = len(self._sample_fns) > 1 and rows.shape[1] > SAMPLER_PERSISTENT_ROWS
+        return self._sample_fns[large](logits, slots, flag)
+
+    def _decode_model(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
+        """The model part of _decode_rows -> (logits, slots as fed, flags)."""
         tokens, slots, pos, flag = rows[0], rows[1], rows[2], rows[3]
         spec = flag >= 2
         tokens = torch.where(spec, self.last_ids[slots], tokens)
@@ -281,6 +306,10 @@ class Runner:
             self.picks_at.index_copy_(0, slots, pos)
         if self.seg_buf is not None:
             self.seg_buf[slots, pos % self.S] = hidden
+        return logits, slots, flag
+
+    def _decode_sample(self, logits: Tensor, slots: Tensor, flag: Tensor) -> Tensor:
+        """The sampling part of _decode_rows: a byte per row, counters and last ids written."""
         out = sample(
             logits,
             self.temperature[slots],
@@ -313,7 +342,7 @@ class Runner:
 
     def uncount(self, slots: list[int]) -> None:
         """Take back one counter step of each slot (a speculative sample that was void)."""
-        idx = torch.tensor(slots, device=self.device)
+        idx = self._to_device(torch.tensor(slots))
         self.counter.index_add_(0, idx, torch.full_like(idx, -1))
 
     @torch.no_grad()
@@ -351,7 +380,7 @@ class Runner:
             closed += self._prefill(group)
         late = [f for f in (*plan.prefill, *plan.sample_only) if f.sample]
         if late:
-            slots = torch.tensor([f.slot for f in late], device=self.device)
+            slots = self._to_device(torch.tensor([f.slot for f in late]))
             ids = sample(
                 self.logits[slots],
                 self.temperature[slots],
@@ -401,11 +430,12 @@ class Runner:
 
     def _prefill(self, feeds: list[Feed]) -> list[ClosedSegment]:
         """Prefill feeds of one length together: one parallel pass over their slots."""
-        slots = torch.tensor([f.slot for f in feeds], device=self.device)
-        tokens = torch.tensor(
-            [list(f.data) for f in feeds], dtype=torch.long, device=self.device
+        slots, starts = self._to_device(torch.tensor([(f.slot, f.start) for f in feeds]).T)
+        data = b"".join(f.data for f in feeds)
+        tokens = self._to_device(
+            torch.frombuffer(bytearray(data), dtype=torch.uint8).view(len(feeds), -1).long()
         )  # (G, n)
-        memory = self._memory_for(slots, torch.tensor([f.start for f in feeds], device=self.device))
+        memory = self._memory_for(slots, starts)
         if not self.capture:
             last = self.model.prefill(tokens, self.state, slots, memory)
             assert isinstance(last, Tensor)
