@@ -219,12 +219,15 @@ def _time_steps(runner: Runner, plan: StepPlan, steps: int) -> list[float]:
 def _time_loop(runner: Runner, batch: int, ctx: int, steps: int, pipelined: bool) -> float:
     """Bytes per second of the scheduler and runner together with `batch` sessions generating
     (their slots already hold the context's state): the engine's loop without its asyncio and
-    collectors. A turn that ends (EOS) starts again, as new requests would."""
+    collectors. A turn that ends (EOS) starts again, as new requests would. Each session has its
+    own seed: the slots start from one state, and with one seed they would sample alike and end
+    together (a burst of ended turns drops the batch to a bucket not yet captured)."""
     sched = Scheduler(batch, 1 << 20, 1 << 20)
     params = SamplingParams(max_bytes=1 << 30, temperature=1.0)
     for i in range(batch):
         sched.adopt(f"s{i}", ctx, b"a")
         sched.submit(f"s{i}", b"", params)
+        runner.set_sampling(i, params, seed=1 + i, reset_counter=True)
     flight: tuple[StepPlan, Launched] | None = None
     emitted = 0
 
