@@ -32,6 +32,7 @@ from typing import Any
 import torch
 
 from engine import Delta, Done, Engine, EngineConfig, SamplingParams
+from engine.gctune import tune_for_serving
 from engine.runner import Launched, Runner
 from engine.scheduler import Emitted, Feed, Scheduler, StepPlan
 from model import ByteLM, ModelConfig
@@ -216,10 +217,13 @@ def _time_steps(runner: Runner, plan: StepPlan, steps: int) -> list[float]:
     return times
 
 
-def _time_loop(runner: Runner, batch: int, ctx: int, steps: int, pipelined: bool) -> float:
+def _time_loop(
+    runner: Runner, batch: int, ctx: int, steps: int, pipelined: bool
+) -> tuple[float, dict[str, float]]:
     """Bytes per second of the scheduler and runner together with `batch` sessions generating
     (their slots already hold the context's state): the engine's loop without its asyncio and
-    collectors. A turn that ends (EOS) starts again, as new requests would. Each session has its
+    collectors; -> (bytes/s, the host's median ms per step in plan, launch, wait and complete).
+    A turn that ends (EOS) starts again, as new requests would. Each session has its
     own seed: the slots start from one state, and with one seed they would sample alike and end
     together (a burst of ended turns drops the batch to a bucket not yet captured)."""
     sched = Scheduler(batch, 1 << 20, 1 << 20)
@@ -230,23 +234,34 @@ def _time_loop(runner: Runner, batch: int, ctx: int, steps: int, pipelined: bool
         runner.set_sampling(i, params, seed=1 + i, reset_counter=True)
     flight: tuple[StepPlan, Launched] | None = None
     emitted = 0
+    host: dict[str, list[float]] = {"plan": [], "launch": [], "wait": [], "complete": []}
 
     def collect(flight: tuple[StepPlan, Launched]) -> int:
+        t0 = time.perf_counter()
         ids, _ = runner.collect(flight[1])
+        t1 = time.perf_counter()
         n = 0
         for o in sched.complete(flight[0], ids):
             if isinstance(o, Emitted):
                 n += len(o.data)
             else:
                 sched.submit(o.sid, b"", params)
+        host["wait"].append(t1 - t0)
+        host["complete"].append(time.perf_counter() - t1)
         return n
 
     for i in range(steps + 3):
         if i == 3:  # warm: the sample-only and prefill paths have run too
             _sync(runner.cfg.device)
             t0, emitted = time.perf_counter(), 0
+            for v in host.values():
+                v.clear()
+        t1 = time.perf_counter()
         plan = sched.schedule()
+        t2 = time.perf_counter()
         launched = runner.launch(plan)
+        host["plan"].append(t2 - t1)
+        host["launch"].append(time.perf_counter() - t2)
         if flight is not None:
             emitted += collect(flight)
         flight = (plan, launched)
@@ -255,7 +270,8 @@ def _time_loop(runner: Runner, batch: int, ctx: int, steps: int, pipelined: bool
             flight = None
     if flight is not None:
         emitted += collect(flight)
-    return emitted / (time.perf_counter() - t0)
+    rate = emitted / (time.perf_counter() - t0)
+    return rate, {k: 1e3 * statistics.median(v) for k, v in host.items()}
 
 
 def graph_ms(graph: torch.cuda.CUDAGraph, replays: int = 20, repeats: int = 5) -> float:
@@ -288,6 +304,7 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
     model = load_model(args.model, device)
     batches = [int(b) for b in args.batches.split(",")]
     contexts = [parse_size(c) for c in args.contexts.split(",")]
+    tune_for_serving()  # the scheduler loop's host work, with the GC settings `bwr up` uses
     modes = args.modes.split(",")
     state_bytes = model.state_bytes_per_row()
     states, prefill_rate = {}, {}
@@ -338,8 +355,8 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                 times = _time_steps(runner, plan, args.steps)
                 med = statistics.median(times)
                 replay = _replay_ms(runner, batch)
-                serial = _time_loop(runner, batch, ctx, args.steps, pipelined=False)
-                piped = _time_loop(runner, batch, ctx, args.steps, pipelined=True)
+                serial, serial_host = _time_loop(runner, batch, ctx, args.steps, pipelined=False)
+                piped, piped_host = _time_loop(runner, batch, ctx, args.steps, pipelined=True)
                 r = {
                     "batch": batch,
                     "mode": mode,
@@ -351,6 +368,8 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                     "replay_tokens_per_s": batch / (replay / 1e3) if replay else None,
                     "loop_tokens_per_s": serial,
                     "pipelined_tokens_per_s": piped,
+                    "loop_host_ms": serial_host,
+                    "pipelined_host_ms": piped_host,
                     "setup_s": setup_s,
                     "prefill_bytes_per_s": prefill_rate[ctx],
                 }
@@ -362,7 +381,11 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                 )
                 print(
                     f"{mode:<8} batch {batch:>5} ctx {ctx:>8,}: {1e3 * med:8.3f} ms/step {batch / med:>12,.0f} tok/s{extra}"
-                    f"  loop {serial:,.0f}, pipelined {piped:,.0f} tok/s ({piped / serial:.2f}x)",
+                    f"  loop {serial:,.0f}, pipelined {piped:,.0f} tok/s ({piped / serial:.2f}x)"
+                    f"  host ms (plan/launch/wait/complete) serial "
+                    + "/".join(f"{v:.2f}" for v in serial_host.values())
+                    + " pipelined "
+                    + "/".join(f"{v:.2f}" for v in piped_host.values()),
                     flush=True,
                 )
             del runner
