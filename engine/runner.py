@@ -273,17 +273,22 @@ class Runner:
         The whole batched decode: recurrent step on the pool rows, logits and captured hidden
         written back, and a sample for every row. Flag bit 0: the sample counts (others do not
         advance their counter); bit 1: the token is the slot's last sampled id (a speculative
-        feed), and if that is EOS the row goes to the scratch row instead (nothing is fed)."""
+        feed), and if that is EOS the row goes to the scratch row instead (nothing is fed); bit
+        2: feed nothing, sample from the logits the slot holds (a turn that starts without input:
+        its model row goes to the scratch row)."""
         logits, slots, flag = self._model_fn(rows)
         large = len(self._sample_fns) > 1 and rows.shape[1] > SAMPLER_PERSISTENT_ROWS
         return self._sample_fns[large](logits, slots, flag)
 
     def _decode_model(self, rows: Tensor) -> tuple[Tensor, Tensor, Tensor]:
-        """The model part of _decode_rows -> (logits, slots as fed, flags)."""
+        """The model part of _decode_rows -> (logits to sample, slots that sample, flags)."""
         tokens, slots, pos, flag = rows[0], rows[1], rows[2], rows[3]
-        spec = flag >= 2
+        spec = (flag & 2) > 0
+        only = (flag & 4) > 0
         tokens = torch.where(spec, self.last_ids[slots], tokens)
-        slots = torch.where(spec & (tokens >= 256), self.scratch, slots)
+        sampler = torch.where(spec & (tokens >= 256), self.scratch, slots)
+        held = self.logits[slots]  # before this step writes them: what sample-only rows read
+        slots = torch.where(only, self.scratch, sampler)
         kv = (
             {i: (K[slots], V[slots], ok[slots]) for i, (K, V, ok) in self.mem_kv.items()}
             if self.mem_kv
@@ -306,7 +311,7 @@ class Runner:
             self.picks_at.index_copy_(0, slots, pos)
         if self.seg_buf is not None:
             self.seg_buf[slots, pos % self.S] = hidden
-        return logits, slots, flag
+        return torch.where(only.unsqueeze(-1), held, logits), sampler, flag
 
     def _decode_sample(self, logits: Tensor, slots: Tensor, flag: Tensor) -> Tensor:
         """The sampling part of _decode_rows: a byte per row, counters and last ids written."""
@@ -322,7 +327,13 @@ class Runner:
         self.last_ids.index_copy_(0, slots, out)
         return out
 
-    def _rows(self, feeds: tuple[Feed, ...], spec: tuple[int, ...], view: np.ndarray) -> None:
+    def _rows(
+        self,
+        feeds: tuple[Feed, ...],
+        spec: tuple[int, ...],
+        view: np.ndarray,
+        only: tuple[Feed, ...] = (),
+    ) -> None:
         """Write the feeds' tokens, slots, positions and flags into view[:, :n] (4 rows of
         int64: the graphs' pinned host buffer, or the eager path's). Through NumPy, the fields
         read by C-level getters and the one-byte feeds joined into one bytes object: at a
@@ -335,6 +346,12 @@ class Runner:
         view[3, :n] = np.fromiter(map(_SAMPLE, feeds), dtype=np.int64, count=n)
         if spec:
             view[3, list(spec)] += 2
+        if only:  # sample-only rows after them: no token, flags 1 (counts) | 4 (feeds nothing)
+            m = len(only)
+            view[0, n : n + m] = 0
+            view[1, n : n + m] = np.fromiter(map(_SLOT, only), dtype=np.int64, count=m)
+            view[2, n : n + m] = np.fromiter(map(_START, only), dtype=np.int64, count=m)
+            view[3, n : n + m] = 5
 
     def execute(self, plan: StepPlan) -> tuple[list[int], list[ClosedSegment]]:
         """Run a plan -> (sampled ids in plan.samples order, segments that closed)."""
@@ -353,16 +370,17 @@ class Runner:
         closed: list[ClosedSegment] = []
         parts: list[Tensor] = []
         self.refreshed = 0
-        if plan.decode:
-            if self.mem_kv:  # usually done by an earlier step or the install (see below)
+        if plan.decode or plan.sample_only:
+            if self.mem_kv and plan.decode:  # usually done by an earlier step or the install
                 self.refreshed = self._refresh_kv([(f.slot, f.start) for f in plan.decode])
-            n = len(plan.decode)
+            # Sample-only rows ride in the same captured step, after the decode rows.
+            n = len(plan.decode) + len(plan.sample_only)
             if self.graphs is not None:
-                self._rows(plan.decode, plan.spec, self.graphs.host_rows)
+                self._rows(plan.decode, plan.spec, self.graphs.host_rows, plan.sample_only)
                 decoded = self.graphs.launch(n)  # the bucket's rows: the first n are the plan's
                 parts.append(decoded if n == len(decoded) else decoded[:n])
             else:
-                self._rows(plan.decode, plan.spec, self._host_np)
+                self._rows(plan.decode, plan.spec, self._host_np, plan.sample_only)
                 parts.append(self._decode_fn(self._host_rows[:, :n].to(self.device)))
             if self.seg_buf is not None:
                 S = self.S
@@ -378,7 +396,7 @@ class Runner:
             by_len.setdefault(len(f.data), []).append(f)
         for group in by_len.values():
             closed += self._prefill(group)
-        late = [f for f in (*plan.prefill, *plan.sample_only) if f.sample]
+        late = [f for f in plan.prefill if f.sample]
         if late:
             slots = self._to_device(torch.tensor([f.slot for f in late]))
             ids = sample(
@@ -425,8 +443,11 @@ class Runner:
         else:
             ids = step.ids.tolist()  # sync: the one host sync of the step
         decode = step.plan.decode
-        n = len(decode)
-        return list(compress(ids[:n], map(_SAMPLE, decode))) + ids[n:], step.closed
+        n, m = len(decode), len(step.plan.sample_only)
+        # ids: decode rows, sample-only rows, then prefill samples -> plan.samples order
+        # (sampling decode rows, prefill, sample-only).
+        out = list(compress(ids[:n], map(_SAMPLE, decode)))
+        return out + ids[n + m :] + ids[n : n + m], step.closed
 
     def _prefill(self, feeds: list[Feed]) -> list[ClosedSegment]:
         """Prefill feeds of one length together: one parallel pass over their slots."""

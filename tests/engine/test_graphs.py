@@ -118,8 +118,9 @@ def test_graph_replay_equals_eager_for_every_bucket() -> None:
 
 def test_engine_with_graphs_gives_the_bytes_of_the_eager_engine() -> None:
     """Graphs and pipelined steps (speculative feeds, EOS skipped on the device, a stop
-    sequence's void sample taken back) change no byte: the eager engine that collects every step
-    before planning the next gives the same, over two turns per session."""
+    sequence's void sample taken back, sample-only rows inside the graph) change no byte: the
+    eager engine that collects every step before planning the next gives the same, over three
+    turns per session."""
     torch.manual_seed(0)
     model = ByteLM(ModelConfig.named("tiny")).eval()
     prompts = [b"graphs", b"and eager " * 8, b"agree"]
@@ -136,9 +137,9 @@ def test_engine_with_graphs_gives_the_bytes_of_the_eager_engine() -> None:
             assert engine.pipelined is pipeline
             sessions = [engine.open() for _ in prompts]
             outs = []
-            for turn in range(2):
+            for turn in range(3):  # a prompt, more input, then no input (sample-only rows)
                 for s, p, sp in zip(sessions, prompts, params, strict=True):
-                    s.submit(p if turn == 0 else b" then", sp)
+                    s.submit((p, b" then", b"")[turn], sp)
                 for s in sessions:
                     data = b""
                     while True:
