@@ -1,0 +1,39 @@
+"""`bwr bench engine` on the CPU at toy sizes: the JSON the issue asks for is written, and the
+pipelined runs produce the same number of bytes as the serial ones (the figures themselves live
+in docs/BENCHMARKS.md, never in tests)."""
+
+from __future__ import annotations
+
+import argparse
+import json
+from pathlib import Path
+
+from benchmarks.engine_bench import add_arguments, run
+
+
+def bench(tmp_path: Path, *argv: str) -> dict:
+    p = argparse.ArgumentParser()
+    add_arguments(p)
+    out = tmp_path / "out.json"
+    assert run(p.parse_args([*argv, "--json", str(out)])) == 0
+    return json.loads(out.read_text())
+
+
+def test_serve_writes_batched_baseline_and_both_pipelining_modes(tmp_path: Path) -> None:
+    r = bench(tmp_path, "--model", "tiny", "--sessions", "3", "--bytes", "6", "--pipeline", "both")
+    for run_name in ("batched-serial", "batched-pipelined", "baseline"):
+        # every session generates its bytes (or ends early on EOS, never more)
+        assert 0 < r[run_name]["tokens"] <= 3 * 6
+        assert r[run_name]["tokens_per_s"] > 0
+    assert r["batched-pipelined"]["pipelined"] and not r["batched-serial"]["pipelined"]
+    assert r["batched"] == r["batched-pipelined"]
+    assert r["speedup"] > 0 and r["pipelined_speedup"] > 0
+    assert set(r["ttft_ms"]) == set(r["itl_ms"]) == {"p50", "p99"}
+
+
+def test_decode_grid_times_the_runner_and_the_scheduler_loop(tmp_path: Path) -> None:
+    r = bench(tmp_path, "--model", "tiny", "--batches", "2", "--modes", "eager", "--steps", "3")
+    (row,) = r["rows"]
+    assert row["batch"] == 2 and row["tokens_per_s"] > 0
+    assert row["loop_tokens_per_s"] > 0 and row["pipelined_tokens_per_s"] > 0
+    assert set(row["pipelined_host_ms"]) == {"plan", "launch", "wait", "complete"}
