@@ -119,6 +119,7 @@ async def _serve(
         lag_limit=1 << 20,
         compile=args.compile,
         decode_dtype=args.decode_dtype,
+        stream_interval=args.stream_interval,
     )
     engine = Engine(model, cfg)
     await engine.start()
@@ -158,6 +159,7 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
         "prompt": len(prompt),
         "compile": args.compile,
         "decode_dtype": args.decode_dtype,
+        "stream_interval": args.stream_interval,
         **runs,
         "batched": batched,
         "ttft_ms": batched["ttft_ms"],
@@ -631,6 +633,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("auto", "on", "off", "both"),
         default="auto",
         help="serve: plan step k+1 before collecting step k (auto: on a GPU); both: one run each",
+    )
+    p.add_argument(
+        "--stream-interval",
+        type=int,
+        default=1,
+        help="serve: wake a consumer once this many bytes wait (EngineConfig.stream_interval)",
     )
     p.add_argument(
         "--no-baseline",

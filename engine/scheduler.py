@@ -42,7 +42,7 @@ class Phase(enum.Enum):
     GENERATING = "generating"  # feeds its last sampled byte, samples the next
 
 
-@dataclass
+@dataclass(slots=True)
 class Turn:
     params: SamplingParams
     input_bytes: int = 0
@@ -54,7 +54,7 @@ class Turn:
         self.max_stop = max((len(s) for s in self.params.stop), default=0)
 
 
-@dataclass
+@dataclass(slots=True)
 class Seq:
     sid: str
     slot: int
