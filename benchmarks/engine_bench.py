@@ -22,6 +22,7 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import dataclasses
 import json
 import platform
 import statistics
@@ -119,17 +120,25 @@ async def _serve(
         lag_limit=1 << 20,
         compile=args.compile,
         decode_dtype=args.decode_dtype,
-        stream_interval=args.stream_interval,
     )
     engine = Engine(model, cfg)
     await engine.start()
     await _workload(engine, min(4, args.sessions), 8, prompt, True)  # warm up
     auto = engine.pipelined
+    intervals = [int(k) for k in str(args.stream_interval).split(",")]
     runs: dict[str, dict[str, Any]] = {}
-    for pipe in pipes:
-        engine.pipelined = auto if pipe is None else pipe
-        name = "batched" if len(pipes) == 1 else f"batched-{'pipelined' if pipe else 'serial'}"
-        runs[name] = await _workload(engine, args.sessions, args.bytes, prompt, True)
+    for k in intervals:
+        # Collectors take the interval when a session opens: set it between workloads.
+        engine.config = dataclasses.replace(engine.config, stream_interval=k)
+        for pipe in pipes:
+            engine.pipelined = auto if pipe is None else pipe
+            name = "batched"
+            if len(pipes) > 1:
+                name += "-pipelined" if pipe else "-serial"
+            if len(intervals) > 1:
+                name += f"-interval{k}"
+            runs[name] = await _workload(engine, args.sessions, args.bytes, prompt, True)
+            runs[name]["stream_interval"] = k
     if args.baseline:
         runs["baseline"] = await _workload(engine, args.sessions, args.bytes, prompt, False)
     await engine.shutdown()
@@ -149,7 +158,7 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
         "both": [False, True],
     }[args.pipeline]
     runs = asyncio.run(_serve(model, args, prompt, pipes))
-    batched = runs.get("batched") or runs["batched-pipelined"]
+    batched = next(r for r in runs.values() if r["pipelined"] or len(pipes) == 1)
     result: dict[str, Any] = {
         "bench": "engine.serve",
         "model": args.model,
@@ -167,10 +176,13 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
     }
     if "baseline" in runs:
         result["speedup"] = batched["tokens_per_s"] / runs["baseline"]["tokens_per_s"]
-    if "batched-serial" in runs:
-        result["pipelined_speedup"] = (
-            runs["batched-pipelined"]["tokens_per_s"] / runs["batched-serial"]["tokens_per_s"]
-        )
+    if len(pipes) > 1:
+        result["pipelined_speedup"] = {
+            name.replace("-serial", ""): runs[name.replace("-serial", "-pipelined")]["tokens_per_s"]
+            / runs[name]["tokens_per_s"]
+            for name in runs
+            if "-serial" in name
+        }
     print(
         f"engine serve: {args.model} on {args.device}, {args.sessions} sessions x {args.bytes} bytes, prompt {len(prompt)} B"
     )
@@ -184,8 +196,8 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
         )
     if "speedup" in result:
         print(f"speedup batched / baseline: {result['speedup']:.1f}x")
-    if "pipelined_speedup" in result:
-        print(f"pipelined / serial: {result['pipelined_speedup']:.2f}x")
+    for name, ratio in result.get("pipelined_speedup", {}).items():
+        print(f"{name}: pipelined / serial {ratio:.2f}x")
     return result
 
 
@@ -636,9 +648,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument(
         "--stream-interval",
-        type=int,
-        default=1,
-        help="serve: wake a consumer once this many bytes wait (EngineConfig.stream_interval)",
+        default="1",
+        help="serve: wake a consumer once this many bytes wait (EngineConfig.stream_interval);"
+        " a comma-separated list runs each",
     )
     p.add_argument(
         "--no-baseline",

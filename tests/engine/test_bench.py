@@ -27,8 +27,25 @@ def test_serve_writes_batched_baseline_and_both_pipelining_modes(tmp_path: Path)
         assert r[run_name]["tokens_per_s"] > 0
     assert r["batched-pipelined"]["pipelined"] and not r["batched-serial"]["pipelined"]
     assert r["batched"] == r["batched-pipelined"]
-    assert r["speedup"] > 0 and r["pipelined_speedup"] > 0
+    assert r["speedup"] > 0 and r["pipelined_speedup"]["batched"] > 0
     assert set(r["ttft_ms"]) == set(r["itl_ms"]) == {"p50", "p99"}
+
+
+def test_serve_runs_each_stream_interval(tmp_path: Path) -> None:
+    r = bench(
+        tmp_path,
+        "--model",
+        "tiny",
+        "--sessions",
+        "2",
+        "--bytes",
+        "5",
+        "--stream-interval",
+        "1,3",
+        "--no-baseline",
+    )
+    assert [r[f"batched-interval{k}"]["stream_interval"] for k in (1, 3)] == [1, 3]
+    assert "baseline" not in r
 
 
 def test_decode_grid_times_the_runner_and_the_scheduler_loop(tmp_path: Path) -> None:
