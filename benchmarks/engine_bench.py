@@ -472,10 +472,6 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
     --compress thread: a worker thread compresses, as in-process consolidation workers do (it
     shares the interpreter with the decode thread).
 
-    --decode-priority off,on: memory on is measured once per setting; on, the decode steps run on
-    a high-priority CUDA stream (as the engine does by default) and compression, on a normal one,
-    gets the SMs decode leaves free.
-
     Besides p50/p99 of all steps, each step is marked (a segment closed in it, a version was
     installed just before it, it computed memory keys/values before its decode) and the table
     splits the times by mark; 'between' is the host time between two steps (compress launches,
@@ -529,12 +525,7 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
         "sessions": batch,
         "compress": args.compress,
     }
-    priorities = [p == "on" for p in args.decode_priority.split(",")] if cuda else [False]
-    for memory_on, priority in [(False, priorities[-1])] + [(True, p) for p in priorities]:
-        high = torch.cuda.Stream(priority=-1) if priority else None
-        if high is not None:  # this thread's work goes to the high-priority stream
-            high.wait_stream(torch.cuda.current_stream())
-            torch.cuda.set_stream(high)
+    for memory_on in (False, True):
         cfg = EngineConfig(
             max_slots=batch,
             device=device,
@@ -594,10 +585,7 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
                 installs += 1
         if pool is not None:
             pool.shutdown(wait=True)
-        if high is not None:
-            torch.cuda.default_stream().wait_stream(high)
-            torch.cuda.set_stream(torch.cuda.default_stream())
-        key = ("on" if memory_on else "off") + ("_priority" if memory_on and priority else "")
+        key = "on" if memory_on else "off"
         split = _steps_summary(times, marks)
         out[key] = {
             "step_ms_p50": 1e3 * pct(times, 0.5),
@@ -614,20 +602,14 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         if memory_on:
-            print(f"  decode priority {'high' if priority else 'normal'}")
             print(f"  {'steps':<10} {'count':>6} {'p50 ms':>8} {'p99 ms':>8}")
             for k, v in split.items():
                 print(
                     f"  {k:<10} {v['steps']:>6} {v['step_ms_p50']:>8.3f} {v['step_ms_p99']:>8.3f}"
                 )
         del runner
-    for key in ("on", "on_priority"):
-        if key in out:
-            out[f"p99_ratio{key[2:]}"] = out[key]["step_ms_p99"] / out["off"]["step_ms_p99"]
-            print(
-                f"p99 with memory ({key}) / without: {out[f'p99_ratio{key[2:]}']:.3f}"
-                f" (compress {args.compress})"
-            )
+    out["p99_ratio"] = out["on"]["step_ms_p99"] / out["off"]["step_ms_p99"]
+    print(f"p99 with memory / without: {out['p99_ratio']:.3f} (compress {args.compress})")
     return out
 
 
@@ -653,11 +635,6 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         choices=("inline", "thread"),
         default="inline",
         help="--memory: compress in the decode thread on a side stream, or in a worker thread",
-    )
-    p.add_argument(
-        "--decode-priority",
-        default="off,on",
-        help="--memory on a GPU: decode on a normal and/or high-priority stream (off,on)",
     )
     p.add_argument("--compile", action="store_true", help="serve: torch.compile the decode step")
     p.add_argument(

@@ -24,9 +24,6 @@ class EngineConfig:
     compile_mode: str = "default"
     decode_dtype: str = "float32"  # matmul weights of the fused GPU decode: float32 or bfloat16
     threaded_steps: bool = True  # run each step in a worker thread so the event loop stays live
-    # On a GPU, run the engine's steps on a high-priority CUDA stream: the memory workers'
-    # compression and other side streams (normal priority) get the SMs the decode leaves free.
-    decode_priority: bool = True
     # Launch step k+1 before collecting step k (None: on a GPU, where the host then plans while
     # the device computes; on a CPU the step computes as it launches, so it gains nothing there)
     pipeline: bool | None = None

@@ -164,7 +164,6 @@ class Engine:
         self._restores: list[tuple[int, SessionSnapshot]] = []
         self._snapshot_waiters: list[tuple[str, asyncio.Future[SessionSnapshot]]] = []
         self._last_collect = 0.0
-        self._stream: torch.cuda.Stream | None = None  # the steps' stream (decode_priority)
 
     @property
     def model(self) -> ByteLM:
@@ -173,19 +172,10 @@ class Engine:
     # ----- lifecycle -----
 
     async def start(self) -> None:
-        loop = asyncio.get_running_loop()
-        dev = self.runner.device
-        if dev.type == "cuda" and self.config.decode_priority:
-            # The engine's threads (this one and the step thread) work on one high-priority
-            # stream: everything the engine queues stays in one order, as on the default stream,
-            # and compression on other streams yields the SMs to it.
-            stream = torch.cuda.Stream(dev, priority=-1)  # type: ignore[no-untyped-call]
-            stream.wait_stream(torch.cuda.current_stream(dev))  # the pools' allocations
-            torch.cuda.set_stream(stream)
-            await loop.run_in_executor(self._executor, torch.cuda.set_stream, stream)
-            self._stream = stream
         if self.runner.graphs is not None:
-            await loop.run_in_executor(self._executor, self.runner.graphs.capture_all)
+            await asyncio.get_running_loop().run_in_executor(
+                self._executor, self.runner.graphs.capture_all
+            )
         self._task = asyncio.create_task(self._loop(), name="bwr-engine")
 
     async def __aenter__(self) -> Engine:
@@ -212,11 +202,6 @@ class Engine:
             self._wake.set()
             await self._task
         self._executor.shutdown(wait=True)
-        if self._stream is not None:  # this thread goes back to the default stream, in order
-            default = torch.cuda.default_stream(self._stream.device)
-            default.wait_stream(self._stream)
-            torch.cuda.set_stream(default)
-            self._stream = None
 
     # ----- caller API (event loop only) -----
 
