@@ -2,7 +2,7 @@
 
 The engine's own time per step, apart from the model: N sessions each generate B bytes through
 the real asyncio Engine (scheduler, collectors, metrics, consumers on the event loop), while the
-runner's execute is replaced by one that returns a byte for every sample at once. What remains is
+runner's launch and collect are replaced by ones that return a byte for every sample at once. What remains is
 what a GPU step can never hide: at a thousand sessions it is this time, not the device, that
 bounds a step. Prints a table (ms of host time per step, split by part; the median of --repeat
 runs) and writes JSON.
@@ -38,6 +38,10 @@ def _timed(spent: dict[str, float], name: str, fn: Callable[..., Any]) -> Callab
     return timed
 
 
+def no_launch(plan: StepPlan) -> StepPlan:
+    return plan
+
+
 def no_model(plan: StepPlan) -> tuple[list[int], list[Any]]:
     return [ord("a")] * len(plan.samples), []
 
@@ -46,7 +50,8 @@ async def _run(model: ByteLM, sessions: int, nbytes: int, interval: int) -> dict
     extra = {"stream_interval": interval} if interval != 1 else {}  # 1 also runs older engines
     cfg = EngineConfig(max_slots=sessions, device="cpu", threaded_steps=False, **extra)
     engine = Engine(model, cfg)
-    engine.runner.execute = no_model  # type: ignore[method-assign]
+    engine.runner.launch = no_launch  # type: ignore[method-assign,assignment]
+    engine.runner.collect = no_model  # type: ignore[method-assign,assignment]
     spent: dict[str, float] = {}
     for obj, names in ((engine.scheduler, PARTS["scheduler"]), (engine, PARTS["engine"])):
         for name in names:
