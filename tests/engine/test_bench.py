@@ -54,3 +54,20 @@ def test_decode_grid_times_the_runner_and_the_scheduler_loop(tmp_path: Path) -> 
     assert row["batch"] == 2 and row["tokens_per_s"] > 0
     assert row["loop_tokens_per_s"] > 0 and row["pipelined_tokens_per_s"] > 0
     assert set(row["pipelined_host_ms"]) == {"plan", "launch", "wait", "complete"}
+
+
+def test_host_bench_times_the_engine_without_the_model() -> None:
+    """The host bench stubs the runner's launch and collect: every byte comes back at once and
+    the model never runs (a real step would be timed as host time)."""
+    import asyncio
+
+    from benchmarks.host_bench import _run
+    from model import ByteLM, ModelConfig
+
+    model = ByteLM(ModelConfig.named("tiny"))
+    calls = []
+    model.step = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
+    model.prefill = lambda *a, **k: calls.append(1)  # type: ignore[method-assign]
+    r = asyncio.run(_run(model, 4, 6, 1))
+    assert not calls
+    assert r["steps"] >= 6 and r["bytes_per_s"] > 0
