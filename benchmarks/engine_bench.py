@@ -119,10 +119,13 @@ async def _serve(
         device=args.device,
         lag_limit=1 << 20,
         compile=args.compile,
+        compile_dynamic=args.compile_dynamic,
         decode_dtype=args.decode_dtype,
     )
     engine = Engine(model, cfg)
-    await engine.start()
+    t0 = time.perf_counter()
+    await engine.start()  # captures (and compiles) every bucket
+    start_s = time.perf_counter() - t0
     await _workload(engine, min(4, args.sessions), 8, prompt, True)  # warm up
     auto = engine.pipelined
     intervals = [int(k) for k in str(args.stream_interval).split(",")]
@@ -142,6 +145,8 @@ async def _serve(
     if args.baseline:
         runs["baseline"] = await _workload(engine, args.sessions, args.bytes, prompt, False)
     await engine.shutdown()
+    for r in runs.values():
+        r["engine_start_s"] = start_s
     return runs
 
 
@@ -167,8 +172,10 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
         "bytes": args.bytes,
         "prompt": len(prompt),
         "compile": args.compile,
+        "compile_dynamic": args.compile_dynamic,
         "decode_dtype": args.decode_dtype,
         "stream_interval": args.stream_interval,
+        "engine_start_s": batched["engine_start_s"],
         **runs,
         "batched": batched,
         "ttft_ms": batched["ttft_ms"],
@@ -184,7 +191,8 @@ def serve(args: argparse.Namespace) -> dict[str, Any]:
             if "-serial" in name
         }
     print(
-        f"engine serve: {args.model} on {args.device}, {args.sessions} sessions x {args.bytes} bytes, prompt {len(prompt)} B"
+        f"engine serve: {args.model} on {args.device}, {args.sessions} sessions x {args.bytes} bytes, prompt {len(prompt)} B;"
+        f" engine start {batched['engine_start_s']:.1f} s"
     )
     print(
         f"{'run':<18} {'tokens/s':>12} {'seconds':>9} {'steps':>7} {'TTFT p50':>10} {'TTFT p99':>10} {'ITL p50':>9} {'ITL p99':>9}"
@@ -335,6 +343,7 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                     device=device,
                     cuda_graphs=mode != "eager",
                     compile=mode.startswith("compile"),
+                    compile_dynamic="-dyn" in mode,
                     decode_dtype="bfloat16" if mode.endswith("bf16") else "float32",
                 )
                 runner = Runner(model, cfg)
@@ -626,7 +635,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="decode grid: comma-separated context lengths (1k, 32k, 128k)",
     )
     p.add_argument(
-        "--modes", default="eager,graph", help="decode grid: eager, graph, compile, compile-bf16"
+        "--modes",
+        default="eager,graph",
+        help="decode grid: eager, graph, compile, compile-bf16, compile-dyn, compile-dyn-bf16",
     )
     p.add_argument("--steps", type=int, default=50, help="decode grid: timed steps per point")
     p.add_argument("--memory", action="store_true", help="decode step time with memory on vs off")
@@ -637,6 +648,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         help="--memory: compress in the decode thread on a side stream, or in a worker thread",
     )
     p.add_argument("--compile", action="store_true", help="serve: torch.compile the decode step")
+    p.add_argument(
+        "--compile-dynamic",
+        action="store_true",
+        help="serve: compile once for all batch sizes (EngineConfig.compile_dynamic)",
+    )
     p.add_argument(
         "--decode-dtype", default="float32", help="serve: float32 or bfloat16 matmul weights"
     )

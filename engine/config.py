@@ -22,6 +22,9 @@ class EngineConfig:
     # torch.compile's mode: "default", or "max-autotune-no-cudagraphs" (benchmarks the matmul
     # kernels for each batch bucket: slower to start; the graphs are captured here either way)
     compile_mode: str = "default"
+    # Compile the step once for every batch size (dynamic shapes; batch 1 still gets its own)
+    # instead of once per bucket: a start in seconds, not minutes, at many buckets.
+    compile_dynamic: bool = False
     decode_dtype: str = "float32"  # matmul weights of the fused GPU decode: float32 or bfloat16
     threaded_steps: bool = True  # run each step in a worker thread so the event loop stays live
     # Launch step k+1 before collecting step k (None: on a GPU, where the host then plans while

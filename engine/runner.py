@@ -149,14 +149,15 @@ class Runner:
             # recompile limit (8) it would silently fall back to eager.
             torch._dynamo.config.recompile_limit = max(torch._dynamo.config.recompile_limit, 256)
             mode = None if cfg.compile_mode == "default" else cfg.compile_mode
-            self._model_fn = torch.compile(self._decode_model, dynamic=False, mode=mode)
+            dynamic = cfg.compile_dynamic
+            self._model_fn = torch.compile(self._decode_model, dynamic=dynamic, mode=mode)
             # The sampler compiled on its own, twice: inductor's persistent reductions (one
             # program holds a row's 260 logits) win up to a few hundred rows and lose 2x at a
             # thousand (measured on an H100: docs/BENCHMARKS.md), so large buckets go without.
             self._sample_fns = tuple(
                 torch.compile(
                     self._decode_sample,
-                    dynamic=False,
+                    dynamic=dynamic,
                     options={"triton.persistent_reductions": persistent},
                 )
                 for persistent in (True, False)
