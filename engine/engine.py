@@ -415,9 +415,11 @@ class Engine:
             await asyncio.sleep(0)  # let consumers and sockets run between steps
 
     async def _launch(self, plan: StepPlan) -> Launched:
-        """Queue the step: on a GPU here (launching waits for nothing); elsewhere the worker
-        thread computes it."""
-        if self.runner.device.type == "cuda" or not self.config.threaded_steps:
+        """Queue the step: a decode-only step on a GPU here (launching it is a copy and a graph
+        replay); a prefill (the parallel form, many kernels to launch) or any step elsewhere in
+        the worker thread, so the event loop keeps serving meanwhile."""
+        cuda = self.runner.device.type == "cuda"
+        if (cuda and not plan.prefill) or not self.config.threaded_steps:
             return self.runner.launch(plan)
         loop = asyncio.get_running_loop()
         return await loop.run_in_executor(self._executor, self.runner.launch, plan)
