@@ -44,7 +44,9 @@ def text_train_config(args: argparse.Namespace) -> TrainConfig:
 
     from memory.train_cli import configs
 
-    return replace(configs(args)[0], time_budget_s=60 * args.minutes)
+    return replace(
+        configs(args)[0], time_budget_s=60 * args.minutes, answer_weight=args.answer_weight
+    )
 
 
 def _train(args: argparse.Namespace) -> int:
@@ -85,9 +87,9 @@ def _train(args: argparse.Namespace) -> int:
         )
 
     batches = curriculum_batches(docs, cfg)
-    mixer = Mixer(mix, seed=args.seed)
-    if mix:
-        batches = mixer.batches(batches)
+    mixer = Mixer(mix, seed=args.seed, case_len=args.case_len)
+    if mix:  # answer masks only where they change the loss (weight 1: the plain mean)
+        batches = mixer.batches(batches, answers=cfg.answer_weight != 1)
     train(model, batches, cfg, on_log=log)
     if mix:
         print(f"mixed in {mixer.replaced} of {mixer.rows} rows", flush=True)
@@ -158,6 +160,18 @@ def build_parser() -> argparse.ArgumentParser:
         "--mix",
         default="",
         help="eval cases replacing this fraction of --text rows: passkey=0.3,mqar=0.2,facts=0.2",
+    )
+    tr.add_argument(
+        "--answer-weight",
+        type=float,
+        default=1.0,
+        help="loss weight of the answer bytes of --mix cases (1: every byte alike)",
+    )
+    tr.add_argument(
+        "--case-len",
+        type=int,
+        default=0,
+        help="--mix rows hold as many cases of this many bytes as fit (0: one case a row)",
     )
     tr.add_argument("--nats-url", default=None, help="train from the DOCS stream instead of a file")
     from memory.train_cli import add_train_nats_arguments

@@ -32,6 +32,7 @@ from model.lm import ByteLM
 from model.segments import run_segments
 
 K = TypeVar("K")
+Batch = Tensor | tuple[Tensor, Tensor]  # (B, T + 1) ids, or ids and their answer mask
 
 
 @dataclass(frozen=True)
@@ -53,6 +54,7 @@ class TrainConfig:
     compile: str = "auto"  # "blocks": torch.compile each mixing block; "off"; "auto": blocks on GPU
     curriculum: tuple[tuple[float, int, int], ...] = ()  # (from step fraction, seq_len, segments)
     peak_flops: float = 800e12  # one device's peak bf16 FLOP/s for MFU (H100: about 800e12 here)
+    answer_weight: float = 1.0  # loss weight of answer bytes, in batches given with answer masks
 
     def __post_init__(self) -> None:
         fracs = [f for f, _, _ in self.curriculum]
@@ -62,6 +64,8 @@ class TrainConfig:
             raise ValueError(f"curriculum {self.curriculum}: seq_len >= 2 and segments >= 1")
         if self.compile not in ("auto", "off", "blocks"):
             raise ValueError(f"compile {self.compile!r}: auto, off or blocks")
+        if self.answer_weight < 0:
+            raise ValueError(f"answer_weight {self.answer_weight}: want >= 0")
 
 
 # ----- the curriculum -----
@@ -217,21 +221,30 @@ def make_optimizer(model: ByteLM, cfg: TrainConfig) -> torch.optim.AdamW:
     return torch.optim.AdamW(groups, lr=cfg.lr, betas=(0.9, 0.95), fused=fused)
 
 
-def sequence_loss(model: ByteLM, batch: Tensor, segments: int, lag: int) -> Tensor:
+def sequence_loss(
+    model: ByteLM, batch: Tensor, segments: int, lag: int, weight: Tensor | None = None
+) -> Tensor:
     """Mean next-byte cross entropy of batch (B, T + 1); PAD targets carry none. segments > 1
-    trains through memory (run_segments, with `lag` segments before slots are readable)."""
+    trains through memory (run_segments, with `lag` segments before slots are readable).
+    weight (B, T), one per target: the weighted mean instead."""
     x, y = batch[:, :-1], batch[:, 1:]
     if segments > 1:
         logits = run_segments(model, x, segment_len=max(1, x.shape[1] // segments), lag=lag)
     else:
         logits = model(x)
-    ce = F.cross_entropy(
-        logits.reshape(-1, logits.shape[-1]).float(),
-        y.reshape(-1),
-        ignore_index=PAD,
-        reduction="sum",
-    )
-    return ce / (y != PAD).sum().clamp(min=1)
+    flat = logits.reshape(-1, logits.shape[-1]).float()
+    if weight is None:
+        ce = F.cross_entropy(flat, y.reshape(-1), ignore_index=PAD, reduction="sum")
+        return ce / (y != PAD).sum().clamp(min=1)
+    ce = F.cross_entropy(flat, y.reshape(-1), ignore_index=PAD, reduction="none")
+    w = (weight * (y != PAD)).reshape(-1).float()
+    return (ce * w).sum() / w.sum().clamp(min=1e-6)
+
+
+def answer_weights(answers: Tensor, weight: float) -> Tensor:
+    """An answer mask (B, T + 1) of a batch -> loss weights (B, T) of its targets: `weight` on
+    the answers' bytes, 1 elsewhere."""
+    return 1 + (weight - 1) * answers[:, 1:].float()
 
 
 def loss_on(model: ByteLM, batch: Tensor, cfg: TrainConfig, rng: random.Random) -> Tensor:
@@ -247,8 +260,10 @@ class Objective(nn.Module):
         super().__init__()
         self.model = model
 
-    def forward(self, batch: Tensor, segments: int, lag: int) -> Tensor:
-        return sequence_loss(self.model, batch, segments, lag)
+    def forward(
+        self, batch: Tensor, segments: int, lag: int, weight: Tensor | None = None
+    ) -> Tensor:
+        return sequence_loss(self.model, batch, segments, lag, weight)
 
 
 def compile_blocks(model: ByteLM, backend: str = "inductor") -> Callable[[], None]:
@@ -335,20 +350,26 @@ class TrainLoop:
     def stage(self) -> Stage:
         return stage_at(self.step, self.cfg)
 
-    def run_step(self, micro: Sequence[Tensor], segments: int | None = None) -> float:
-        """One optimizer step over the micro-batches (B, T + 1) -> this rank's mean loss."""
+    def run_step(self, micro: Sequence[Batch], segments: int | None = None) -> float:
+        """One optimizer step over the micro-batches (B, T + 1) -> this rank's mean loss. A
+        micro-batch may come as (batch, answer mask) (`Mixer.mix_batch`): its answer bytes then
+        weigh cfg.answer_weight in the loss."""
         segs = self.stage().segments if segments is None else segments
         self.model.train()
         for g in self.opt.param_groups:
             g["lr"] = self.lr()
         total = torch.zeros((), device=self.device)
         ddp = self.dist.active and isinstance(self.objective, nn.parallel.DistributedDataParallel)
-        for i, batch in enumerate(micro):
+        for i, item in enumerate(micro):
+            batch, weight = item if isinstance(item, tuple) else (item, None)
+            if weight is not None:
+                weight = answer_weights(weight, self.cfg.answer_weight).to(self.device)
             lag = self.rng.randint(0, 1) if segs > 1 else 0
             skip_sync = ddp and i < len(micro) - 1  # all-reduce once, on the last micro-batch
             with self.objective.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
-                    loss = self.objective(batch.to(self.device, non_blocking=True), segs, lag)
+                    batch_d = batch.to(self.device, non_blocking=True)
+                    loss = self.objective(batch_d, segs, lag, weight)
                     loss = loss / len(micro)
                 loss.backward()
             total += loss.detach()
@@ -394,7 +415,7 @@ class TrainLoop:
 
 def train(
     model: ByteLM,
-    batches: Iterator[Tensor],
+    batches: Iterator[Batch],
     cfg: TrainConfig,
     *,
     on_log: Callable[[StepLog], None] | None = None,
@@ -443,7 +464,7 @@ def train(
     return logs
 
 
-def _take(it: Iterator[Tensor], n: int) -> Iterator[Tensor]:
+def _take(it: Iterator[Batch], n: int) -> Iterator[Batch]:
     for _ in range(n):
         try:
             yield next(it)

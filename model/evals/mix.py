@@ -12,6 +12,7 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -48,20 +49,38 @@ def case_bytes(case: Case) -> bytes:
 def case_row(task: str, length: int, depth: float, seed: int) -> bytes:
     """Exactly `length` bytes: a case of `task` generated `HEADROOM` bytes short, led by filler
     up to the length (the answers stay last, after their questions)."""
-    data = case_bytes(TASKS[task](length - HEADROOM, depth, seed))
+    return case_spans(task, length, depth, seed)[0]
+
+
+def case_spans(
+    task: str, length: int, depth: float, seed: int
+) -> tuple[bytes, list[tuple[int, int]]]:
+    """case_row's bytes and the [start, end) of each answer in them."""
+    case = TASKS[task](length - HEADROOM, depth, seed)
+    data = case_bytes(case)
     if len(data) > length:
         raise ValueError(f"a {task} case of {len(data)} bytes does not fit a {length}-byte row")
-    return filler(length - len(data), seed) + data
+    at, spans = length - len(data), []
+    for prompt, answer in case.turns:
+        at += len(prompt)
+        spans.append((at, at + len(answer)))
+        at += len(answer)
+    return filler(length - len(data), seed) + data, spans
 
 
 class Mixer:
     """Replaces rows of (B, T + 1) batches by eval cases, each row with probability of its task's
     fraction; seeded, so the same batches and seed give the same mix. A row too short to hold a
     case of the task drawn for it (a curriculum's first stages, say) stays text and is counted in
-    `too_short`: the run goes on, and mixes that task in once its rows are long enough."""
+    `too_short`: the run goes on, and mixes that task in once its rows are long enough.
 
-    def __init__(self, mix: dict[str, float], seed: int = 0) -> None:
+    case_len > 0 fills a replaced row with as many cases of case_len bytes as fit (filler leads
+    the remainder), each with its own depth and seed: more answers per byte trained. `mix`
+    returns, beside the batch, where the answers are, so the loss can weight them."""
+
+    def __init__(self, mix: dict[str, float], seed: int = 0, case_len: int = 0) -> None:
         self.mix = {k: v for k, v in mix.items() if v > 0}
+        self.case_len = case_len
         self.rng = random.Random(f"mix/{seed}")
         self.next_seed = TRAIN_SEED + seed * (1 << 20)  # disjoint per training seed
         self.replaced: dict[str, int] = dict.fromkeys(self.mix, 0)
@@ -77,23 +96,38 @@ class Mixer:
         return None
 
     def __call__(self, batch: Tensor) -> Tensor:
-        out = batch.clone()
+        return self.mix_batch(batch)[0]
+
+    def mix_batch(self, batch: Tensor) -> tuple[Tensor, Tensor]:
+        """-> (the mixed batch, a bool mask of its shape marking the bytes of answers)."""
+        out, answers = batch.clone(), torch.zeros(batch.shape, dtype=torch.bool)
+        width = out.shape[1]
         for i in range(out.shape[0]):
             self.rows += 1
             task = self.pick()
             if task is None:
                 continue
-            depth, seed = self.rng.random(), self.next_seed
-            self.next_seed += 1
+            size = self.case_len if 0 < self.case_len < width else width
+            k = width // size
+            parts, spans, at = [filler(width - k * size, self.next_seed)], [], width - k * size
             try:
-                row = case_row(task, out.shape[1], depth, seed)
+                for _ in range(k):
+                    depth, seed = self.rng.random(), self.next_seed
+                    self.next_seed += 1
+                    row, sp = case_spans(task, size, depth, seed)
+                    parts.append(row)
+                    spans += [(at + a, at + b) for a, b in sp]
+                    at += size
             except ValueError:  # the row cannot hold this task's items and question
                 self.too_short[task] += 1
                 continue
-            out[i] = torch.frombuffer(bytearray(row), dtype=torch.uint8).long()
+            out[i] = torch.frombuffer(bytearray(b"".join(parts)), dtype=torch.uint8).long()
+            for a, b in spans:
+                answers[i, a:b] = True
             self.replaced[task] += 1
-        return out
+        return out, answers
 
-    def batches(self, batches: Iterator[Tensor]) -> Iterator[Tensor]:
+    def batches(self, batches: Iterator[Tensor], answers: bool = False) -> Iterator[Any]:
+        """The mixed batches; with answers=True, (batch, answer mask) pairs for the loss."""
         for b in batches:
-            yield self(b)
+            yield self.mix_batch(b) if answers else self(b)

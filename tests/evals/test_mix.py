@@ -112,3 +112,48 @@ def test_train_with_mix(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> N
     assert "mixed in {'passkey': " in printed and "of 8 rows" in printed
     assert (out / "config.json").is_file()
     assert main([*args[:-4], "--mix", "passkey=0.9,facts=0.9", "--out", str(out)]) == 2
+
+
+@pytest.mark.parametrize("case_len", [0, 256, 300])
+def test_answer_mask_marks_exactly_the_answers(case_len: int) -> None:
+    """The mask covers each generated answer, right after its question, and nothing else; with
+    case_len a mixed row holds len // case_len cases (filler leads the rest)."""
+    batch = natural(4)[0]
+    mixer = Mixer({"passkey": 0.5, "mqar": 0.3}, seed=2, case_len=case_len)
+    out, answers = mixer.mix_batch(batch)
+    assert answers.shape == out.shape and answers.dtype == torch.bool
+    per_row = (SEQ + 1) // case_len if case_len else 1
+    for new, old, mask in zip(out, batch, answers, strict=True):
+        row = decode(new)
+        if torch.equal(new, old):
+            assert not mask.any()
+            continue
+        spans, start = [], None
+        for i, m in enumerate([*mask.tolist(), False]):
+            if m and start is None:
+                start = i
+            elif not m and start is not None:
+                spans.append((start, i))
+                start = None
+        if PASSKEY_QUESTION in row:
+            assert len(spans) == per_row == row.count(PASSKEY_QUESTION)
+            for a, b in spans:
+                assert row[a - len(PASSKEY_QUESTION) : a] == PASSKEY_QUESTION
+                assert re.fullmatch(rb"\d{5}", row[a:b]) and b"The pass key is " + row[a:b] in row
+        else:
+            assert len(spans) == 4 * per_row  # four queries a case, each answered "v123;"
+            for a, b in spans:
+                assert re.fullmatch(rb"v\d{3};", row[a:b]) and re.fullmatch(
+                    rb" k\d{3}=", row[a - 6 : a]
+                )
+    assert torch.equal(Mixer({"passkey": 0.5, "mqar": 0.3}, 2, case_len)(batch), out)
+
+
+def test_train_with_answer_weight_and_case_len(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "ckpt"
+    args = ["train", "--text", str(TEXT), "--config", "tiny", "--steps", "2", "--batch-size", "4"]
+    args += ["--seq-len", "512", "--device", "cpu", "--mix", "passkey=1", "--out", str(out)]
+    assert main([*args, "--answer-weight", "20", "--case-len", "256"]) == 0
+    assert "mixed in {'passkey': 8} of 8 rows" in capsys.readouterr().out
