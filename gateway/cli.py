@@ -257,6 +257,12 @@ def build_parser() -> argparse.ArgumentParser:
         "--compile", action="store_true", help="torch.compile the decode step (GPU: then graphs)"
     )
     upp.add_argument(
+        "--compile-dynamic",
+        action="store_true",
+        help="with --compile: one compile for every batch bucket (a start of about a minute at"
+        " 1,024 slots instead of several; decode 1.3-1.4x slower at large batches)",
+    )
+    upp.add_argument(
         "--decode-dtype", choices=["float32", "bfloat16"], default="float32", help="GPU decode"
     )
     upp.add_argument(
@@ -349,6 +355,7 @@ def _up(args: argparse.Namespace) -> int:
             train_args=tuple(args.train_arg),
             stream_interval=args.stream_interval,
             compile=args.compile,
+            compile_dynamic=args.compile_dynamic,
             decode_dtype=args.decode_dtype,
             gc_tuning=not args.no_gc_tuning,
         )

@@ -66,6 +66,7 @@ class GatewayConfig:
     # ----- the engine -----
     stream_interval: int = 1  # output bytes a session's consumer waits for (EngineConfig's)
     compile: bool = False  # torch.compile the decode step (on a GPU, before graph capture)
+    compile_dynamic: bool = False  # one compile for every batch bucket (EngineConfig's)
     decode_dtype: str = "float32"  # GPU decode weights: float32 or bfloat16
     gc_tuning: bool = True  # engine.gctune.tune_for_serving() once the model is loaded
 

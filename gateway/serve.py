@@ -336,6 +336,7 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
             device=device,
             stream_interval=cfg.stream_interval,
             compile=cfg.compile,
+            compile_dynamic=cfg.compile_dynamic,
             decode_dtype=cfg.decode_dtype,
         )
         if cfg.nats_url is not None and cfg.memory:
