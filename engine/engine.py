@@ -267,7 +267,7 @@ class Engine:
         seq = self.scheduler.seqs[session.id]
         if seq.queued + len(data) > self.config.max_pending_bytes:
             raise Busy(
-                f"session {session.id} has {len(seq.pending)} unread bytes;"
+                f"session {session.id} has {seq.queued} unread bytes;"
                 f" the inbox holds {self.config.max_pending_bytes}"
             )
         if not data and (params is None or params.max_bytes == 0):

@@ -9,7 +9,7 @@ from __future__ import annotations
 import argparse
 import os
 import sys
-from collections.abc import Callable, Sequence
+from collections.abc import Callable, Iterator, Sequence
 from typing import TYPE_CHECKING
 
 if TYPE_CHECKING:
@@ -54,7 +54,7 @@ def _train(args: argparse.Namespace) -> int:
 
     from model import ByteLM, ModelConfig
     from model.evals.mix import Mixer, parse_mix
-    from model.train import StepLog, curriculum_batches, file_documents, train
+    from model.train import Batch, StepLog, curriculum_batches, file_documents, train
 
     if getattr(args, "nats_url", None):
         from memory.train_cli import run_train_nats
@@ -86,10 +86,12 @@ def _train(args: argparse.Namespace) -> int:
             flush=True,
         )
 
-    batches = curriculum_batches(docs, cfg)
+    plain = curriculum_batches(docs, cfg)
     mixer = Mixer(mix, seed=args.seed, case_len=args.case_len)
-    if mix:  # answer masks only where they change the loss (weight 1: the plain mean)
-        batches = mixer.batches(batches, answers=cfg.answer_weight != 1)
+    # answer masks only where they change the loss (weight 1: the plain mean)
+    batches: Iterator[Batch] = (
+        mixer.batches(plain, answers=cfg.answer_weight != 1) if mix else plain
+    )
     train(model, batches, cfg, on_log=log)
     if mix:
         print(f"mixed in {mixer.replaced} of {mixer.rows} rows", flush=True)

@@ -12,7 +12,6 @@ from __future__ import annotations
 
 import random
 from collections.abc import Iterator
-from typing import Any
 
 import torch
 from torch import Tensor
@@ -127,7 +126,9 @@ class Mixer:
             self.replaced[task] += 1
         return out, answers
 
-    def batches(self, batches: Iterator[Tensor], answers: bool = False) -> Iterator[Any]:
+    def batches(
+        self, batches: Iterator[Tensor], answers: bool = False
+    ) -> Iterator[Tensor | tuple[Tensor, Tensor]]:
         """The mixed batches; with answers=True, (batch, answer mask) pairs for the loss."""
         for b in batches:
             yield self.mix_batch(b) if answers else self(b)
