@@ -558,3 +558,23 @@ def test_take_resets_hands_over_new_slots_once() -> None:
     b = sched.admit("b")
     sched.release("b")  # released before any plan: nothing to zero
     assert b in sched.free and sched.take_resets() == ()
+
+
+def test_input_during_a_speculative_byte_waits_for_it() -> None:
+    """Pipelined: plan 2 feeds the byte plan 1 is still sampling. Input that arrives then is
+    deferred (and counted as queued); completing plan 1 emits that byte first, then ends the turn
+    (INTERRUPTED) with it, and queues the input."""
+    sched = Scheduler(1, 16, 16)
+    sched.admit("s")
+    sched.submit("s", b"x", SamplingParams(max_bytes=10))
+    first = sched.schedule()
+    second = sched.schedule()  # made before the first completes
+    assert len(second.spec) == 1 and second.decode[0].start == 1
+    assert sched.submit("s", b"more", None) == []
+    assert sched.seqs["s"].queued == 4 and not sched.seqs["s"].pending
+    out = sched.complete(first, [ord("a")])
+    assert out[0] == Emitted("s", b"a")
+    done = out[-1]
+    assert isinstance(done, Finished) and done.reason is FinishReason.INTERRUPTED
+    assert done.usage.output_bytes == 1 and done.usage.context_bytes == 2  # "x", "a"
+    assert bytes(sched.seqs["s"].pending) == b"more"
