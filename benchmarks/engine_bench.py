@@ -452,21 +452,65 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
 # ----- decode with memory on: segment capture, consolidation on a side stream, reads -----
 
 
-def _steps_summary(times: list[float], marks: list[tuple[int, int, int]]) -> dict[str, Any]:
+def _steps_summary(
+    times: list[float],
+    marks: list[tuple[int, int]],
+    parts: list[tuple[float, float]],
+    device_s: list[float],
+) -> dict[str, Any]:
     """Step times split by what the step carried: marks per step are (segments closed in it,
-    versions installed just before it, slots whose memory keys/values it computed before its
-    decode). 'event' is any of the three, 'quiet' none."""
-    kinds = {
-        "quiet": [t for t, m in zip(times, marks, strict=True) if not any(m)],
-        "event": [t for t, m in zip(times, marks, strict=True) if any(m)],
-        "closed": [t for t, m in zip(times, marks, strict=True) if m[0]],
-        "installed": [t for t, m in zip(times, marks, strict=True) if m[1]],
-        "refreshed": [t for t, m in zip(times, marks, strict=True) if m[2]],
+    versions installed just before it). 'event' is either, 'quiet' neither. Per kind also the host time in launch,
+    in collect (waiting for the device) and the device time of the step's launched work."""
+    kinds: dict[str, list[int]] = {
+        "quiet": [i for i, m in enumerate(marks) if not any(m)],
+        "event": [i for i, m in enumerate(marks) if any(m)],
+        "closed": [i for i, m in enumerate(marks) if m[0]],
+        "installed": [i for i, m in enumerate(marks) if m[1]],
     }
-    return {
-        k: {"steps": len(v), "step_ms_p50": 1e3 * pct(v, 0.5), "step_ms_p99": 1e3 * pct(v, 0.99)}
-        for k, v in kinds.items()
-    }
+    out: dict[str, Any] = {}
+    for k, rows in kinds.items():
+        step = [times[i] for i in rows]
+        launch = [parts[i][0] for i in rows]
+        wait = [parts[i][1] for i in rows]
+        dev = [device_s[i] for i in rows]
+        out[k] = {
+            "steps": len(rows),
+            "step_ms_p50": 1e3 * pct(step, 0.5),
+            "step_ms_p99": 1e3 * pct(step, 0.99),
+            "launch_ms_p50": 1e3 * pct(launch, 0.5),
+            "wait_ms_p50": 1e3 * pct(wait, 0.5),
+            "device_ms_p50": 1e3 * pct(dev, 0.5),
+            "device_ms_p99": 1e3 * pct(dev, 0.99),
+        }
+    return out
+
+
+def _profiler(args: argparse.Namespace, name: str) -> Any:
+    """--profile DIR: a torch.profiler over the memory bench's steps 40..(40 + 3 x 16), whose
+    tables (by host time and by device time) go to DIR/<name>.txt; None without --profile."""
+    if not args.profile:
+        return None
+    from torch.profiler import ProfilerActivity, profile, schedule
+
+    acts = [ProfilerActivity.CPU]
+    if torch.cuda.is_available() and args.device.startswith("cuda"):
+        acts.append(ProfilerActivity.CUDA)
+    out = Path(args.profile)
+    out.mkdir(parents=True, exist_ok=True)
+
+    def ready(prof: Any) -> None:
+        table = prof.key_averages()
+        text = table.table(sort_by="self_cpu_time_total", row_limit=40)
+        if len(acts) > 1:
+            text += "\n\n" + table.table(sort_by="self_cuda_time_total", row_limit=30)
+        (out / f"{name}.txt").write_text(text)
+        prof.export_chrome_trace(str(out / f"{name}.trace.json"))
+
+    return profile(
+        activities=acts,
+        schedule=schedule(wait=40, warmup=2, active=48, repeat=1),
+        on_trace_ready=ready,
+    )
 
 
 def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
@@ -549,21 +593,38 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
         inline: list[tuple[int, int, torch.Tensor, torch.cuda.Event | None]] = []
         times: list[float] = []
         between: list[float] = []
-        marks: list[tuple[int, int, int]] = []
+        marks: list[tuple[int, int]] = []
         applied = installs = 0
         t_end = time.perf_counter()  # when the last step returned
+        # per step: host seconds in launch and in collect (the wait); on a GPU, events around each
+        # step's launched work (its device time, read at the end)
+        parts: list[tuple[float, float]] = []
+        events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
+        prof = _profiler(args, f"memory_{'on' if memory_on else 'off'}")
+        if prof is not None:
+            prof.__enter__()
         for step in range(args.steps + 20):
             plan = StepPlan(
                 (), tuple(Feed(f"s{i}", i, b"a", pos[i], True) for i in range(batch)), (), ()
             )
             t0 = time.perf_counter()
-            _, closed = runner.execute(plan)
+            if cuda:
+                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                events[-1][0].record()
+            launched = runner.launch(plan)
+            if cuda:
+                events[-1][1].record()
+            tl = time.perf_counter()
+            _, closed = runner.collect(launched)
             t1 = time.perf_counter()
             if step >= 20:
                 times.append(t1 - t0)
                 between.append(t0 - t_end)
-                marks.append((len(closed), installs, runner.refreshed))
+                marks.append((len(closed), installs))
+                parts.append((tl - t0, t1 - tl))
             t_end = t1
+            if prof is not None:
+                prof.step()
             pos = [p + 1 for p in pos]
             for seg in closed:
                 if pool is not None:
@@ -594,8 +655,13 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
                 installs += 1
         if pool is not None:
             pool.shutdown(wait=True)
+        if prof is not None:
+            prof.__exit__(None, None, None)
+        if cuda:
+            torch.cuda.synchronize()
+        device_s = [a.elapsed_time(b) / 1e3 for a, b in events[20:]] if cuda else [0.0] * len(times)
         key = "on" if memory_on else "off"
-        split = _steps_summary(times, marks)
+        split = _steps_summary(times, marks, parts, device_s)
         out[key] = {
             "step_ms_p50": 1e3 * pct(times, 0.5),
             "step_ms_p99": 1e3 * pct(times, 0.99),
@@ -611,10 +677,15 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
             flush=True,
         )
         if memory_on:
-            print(f"  {'steps':<10} {'count':>6} {'p50 ms':>8} {'p99 ms':>8}")
+            print(
+                f"  {'steps':<10} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'launch':>9}"
+                f" {'wait':>8} {'device p50':>10} {'device p99':>10}"
+            )
             for k, v in split.items():
                 print(
                     f"  {k:<10} {v['steps']:>6} {v['step_ms_p50']:>8.3f} {v['step_ms_p99']:>8.3f}"
+                    f" {v['launch_ms_p50']:>9.3f} {v['wait_ms_p50']:>8.3f}"
+                    f" {v['device_ms_p50']:>10.3f} {v['device_ms_p99']:>10.3f}"
                 )
         del runner
     out["p99_ratio"] = out["on"]["step_ms_p99"] / out["off"]["step_ms_p99"]
@@ -673,6 +744,11 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
         dest="baseline",
         action="store_false",
         help="serve: skip the one-session-at-a-time run (slow at many sessions)",
+    )
+    p.add_argument(
+        "--profile",
+        default=None,
+        help="--memory: write torch.profiler tables and traces of a window of steps here",
     )
     p.add_argument("--json", default=None, help="write the result here")
 

@@ -8,10 +8,11 @@ one batched recurrent step for every one-byte feed (a CUDA graph per batch bucke
 same function eagerly elsewhere), the parallel form for prefill chunks, then one sampling pass
 and one host sync for the sampled bytes.
 
-Work for the next step is queued before that sync, behind this step's on the device: the memory
-keys/values of slots whose next byte enters a new segment, and the copies of closed segments. On
-a GPU the sync waits on an event recorded after the sampled ids, so it waits for neither; the
-host launches that work while the device still runs the step.
+Work for the next step is queued before that sync, behind this step's on the device: the copies
+of closed segments. On a GPU the sync waits on an event recorded after the sampled ids, so it
+does not wait for them; the host launches them while the device still runs the step. Memory
+keys/values are computed when a version is installed; the slots' ages, which change at segment
+boundaries, enter inside the step (MemoryRead adds their terms from a table).
 
 A step is launched (`launch`: queued on the device, nothing waited for) and collected later
 (`collect`: the one sync), so the engine can launch step k+1 before it collects step k. Rows of
@@ -93,9 +94,11 @@ class Runner:
         self.mem_written = torch.zeros(
             rows, M, dtype=torch.long, device=dev
         )  # segment each slot came from
-        # Keys and values of each slot's memory, per read block: they change only when a version
-        # is installed or the session enters a new segment (ages), so they are computed then and
-        # the step only attends (instead of projecting every memory slot at every byte).
+        # Keys and values of each slot's memory, per read block, without their age terms (the
+        # read adds those from a small table at every step, MemoryRead.forward): they change only
+        # when a version is installed or the weights change, so they are computed then and the
+        # step only attends (instead of projecting every memory slot at every byte, or again at
+        # every segment boundary as the slots age).
         self.reads = {i: b.read for i, b in enumerate(model.blocks) if isinstance(b, ReadBlock)}
         self.mem_kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         if M:
@@ -105,9 +108,6 @@ class Runner:
                     torch.zeros(rows, read.heads, M + 1, read.head_dim, device=dev),
                     torch.zeros(rows, M + 1, dtype=torch.bool, device=dev),
                 )
-        self.kv_segment = [-1] * rows  # segment whose ages each slot's keys/values hold (-1: stale)
-        self.next_at = [-1] * rows  # offset of each slot's next byte (-1: unknown; memory on only)
-        self.refreshed = 0  # slots whose keys/values the last step computed before its decode
         # What each slot's last decoded byte read: per read block and head, the memory slots it
         # picked (-1: the null slot), and the context offset of that byte (-1: none yet). Written
         # inside the decode step (graph-safe), read only by the inspector.
@@ -175,8 +175,8 @@ class Runner:
         self.counter[slot] = 0
         if self.memory is not None:
             self.memory.mask[slot] = False
-            self.kv_segment[slot] = -1
-        self.next_at[slot] = -1
+            for _, _, valid in self.mem_kv.values():
+                valid[slot, 1:] = False  # the null slot only, as an empty memory reads
         if self.picks is not None:
             self.picks[slot] = -1
             self.picks_at[slot] = -1
@@ -201,8 +201,8 @@ class Runner:
         holds the segment index each slot was written at (ages are computed per step).
 
         Two host-to-device copies (the slots; level, mask and written packed), non-blocking from
-        pinned memory on a GPU, and the slot's keys/values for its next byte when the runner knows
-        where that is: the next step then has nothing to compute for it."""
+        pinned memory on a GPU, and the slot's keys/values (queued behind them): the next step
+        then has nothing to compute for it, nor has any later one until the next version."""
         assert self.memory is not None, "memory is off (memory_capacity 0)"
         if self.picks is not None:  # read in the layout it was made in, before it changes
             made = self.last_read(slot)
@@ -227,26 +227,19 @@ class Runner:
         self.memory.level[slot, :n] = meta[0]
         self.memory.mask[slot, :n] = meta[1].bool()
         self.mem_written[slot, :n] = meta[2]
-        self.kv_segment[slot] = -1
-        if self.mem_kv and self.next_at[slot] >= 0:
-            self._refresh_kv([(slot, self.next_at[slot])])
+        self._refresh_kv(slice(slot, slot + 1))
 
-    def _refresh_kv(self, reads: list[tuple[int, int]]) -> int:
-        """reads: (slot, context offset of the byte it reads at). Recompute the memory keys/values
-        of those slots whose memory or segment changed, all in one batched projection (one
-        host-to-device copy of their indices) -> how many slots were stale."""
-        S = self.S
-        stale = [(slot, at) for slot, at in reads if self.kv_segment[slot] != at // S]
-        if not stale:
-            return 0
-        for slot, at in stale:
-            self.kv_segment[slot] = at // S
-        slots, pos = self._to_device(torch.tensor(stale).T.contiguous())  # slots, offsets
-        mem = self._memory_for(slots, pos)
+    def _refresh_kv(self, rows: slice) -> None:
+        """Recompute the memory keys/values (without age terms) of pool rows `rows` from the
+        memory they hold, in one batched projection per read block."""
+        if not self.mem_kv:
+            return
+        assert self.memory is not None
+        m = self.memory
+        mem = MemorySlots(m.slots[rows], m.level[rows], torch.zeros_like(m.level[rows]), m.mask[rows])
         for i, (K, V, valid) in self.mem_kv.items():
-            k, v, ok = self.reads[i].memory_kv(mem, len(stale))
-            K[slots], V[slots], valid[slots] = k, v, ok
-        return len(stale)
+            k, v, ok, _ = self.reads[i].memory_kv(mem, mem.slots.shape[0])
+            K[rows], V[rows], valid[rows] = k, v, ok
 
     def _to_device(self, t: Tensor) -> Tensor:
         """A host tensor onto the device without waiting for the device: on a GPU through pinned
@@ -255,16 +248,16 @@ class Runner:
             return t
         return t.contiguous().pin_memory().to(self.device, non_blocking=True)
 
+    def _ages(self, slots: Tensor, pos: Tensor) -> Tensor:
+        """Age buckets (B, M) of the memory slots of pool rows `slots` read at offsets `pos`."""
+        age = (pos // self.S).unsqueeze(-1) - self.mem_written[slots]  # (B, M) segments
+        return age_bucket(age.clamp(min=0), self.model.config.age_buckets)
+
     def _memory_for(self, slots: Tensor, pos: Tensor) -> MemorySlots | None:
         if self.memory is None:
             return None
-        age = (pos // self.S).unsqueeze(-1) - self.mem_written[slots]  # (B, M) segments
-        return MemorySlots(
-            self.memory.slots[slots],
-            self.memory.level[slots],
-            age_bucket(age.clamp(min=0), self.model.config.age_buckets),
-            self.memory.mask[slots],
-        )
+        m = self.memory
+        return MemorySlots(m.slots[slots], m.level[slots], self._ages(slots, pos), m.mask[slots])
 
     # ----- the step -----
 
@@ -290,11 +283,11 @@ class Runner:
         sampler = torch.where(spec & (tokens >= 256), self.scratch, slots)
         held = self.logits[slots]  # before this step writes them: what sample-only rows read
         slots = torch.where(only, self.scratch, sampler)
-        kv = (
-            {i: (K[slots], V[slots], ok[slots]) for i, (K, V, ok) in self.mem_kv.items()}
-            if self.mem_kv
-            else None
-        )
+        kv = None
+        if self.mem_kv:
+            age = self._ages(slots, pos)
+            age = torch.cat([age.new_full((age.shape[0], 1), -1), age], 1)  # the null slot: none
+            kv = {i: (K[slots], V[slots], ok[slots], age) for i, (K, V, ok) in self.mem_kv.items()}
         picks: dict[int, Tensor] | None = {} if self.picks is not None else None
         logits, hidden = self.model.step(
             tokens,
@@ -370,10 +363,7 @@ class Runner:
             self.reset_slot(slot)
         closed: list[ClosedSegment] = []
         parts: list[Tensor] = []
-        self.refreshed = 0
         if plan.decode or plan.sample_only:
-            if self.mem_kv and plan.decode:  # usually done by an earlier step or the install
-                self.refreshed = self._refresh_kv([(f.slot, f.start) for f in plan.decode])
             # Sample-only rows ride in the same captured step, after the decode rows.
             n = len(plan.decode) + len(plan.sample_only)
             if self.graphs is not None:
@@ -423,14 +413,6 @@ class Runner:
             host.copy_(out, non_blocking=True)
             ready = self._ids_ready[i]
             ready.record()
-        if self.mem_kv:  # the keys/values the next step reads, queued behind this step's reads
-            S, ahead = self.S, []
-            for f in (*plan.decode, *plan.prefill):
-                at = self.next_at[f.slot] = f.start + len(f.data)
-                if self.kv_segment[f.slot] != at // S:
-                    ahead.append((f.slot, at))
-            if ahead:
-                self._refresh_kv(ahead)
         return Launched(plan, out, host, ready, closed)
 
     def collect(self, step: Launched) -> tuple[list[int], list[ClosedSegment]]:
@@ -544,9 +526,7 @@ class Runner:
             params[name].copy_(t)
         if self.cache is not None:
             refresh_decode_cache(self.model, self.cache)
-        self.kv_segment = [-1] * len(
-            self.kv_segment
-        )  # memory keys/values came from the old weights
+        self._refresh_kv(slice(None))  # the memory keys/values came from the old weights
 
     def state_rows(self, slot: int) -> dict[str, Tensor]:
         return {k: v[slot].clone() for k, v in self.state.items()}

@@ -192,13 +192,13 @@ class ByteLM(nn.Module):
         *,
         return_hidden: bool = False,
         cache: DecodeCache | None = None,
-        memory_kv: dict[int, tuple[Tensor, Tensor, Tensor]] | None = None,
+        memory_kv: dict[int, tuple[Tensor, Tensor, Tensor, Tensor]] | None = None,
         picks: dict[int, Tensor] | None = None,
     ) -> Tensor | tuple[Tensor, Tensor]:
         """One byte per row: tokens (B,) -> logits (B, V) (and captured hidden (B, D)); `state`
         rows `slots` (or all rows) are updated in place. With a decode cache (see
         decode_cache.py) and slots on a GPU, the fused path runs. memory_kv: per read block,
-        keys/values/valid precomputed by its memory_kv (then `memory` is not read). picks: a
+        keys/values/valid/ages as its memory_kv returns them (then `memory` is not read). picks: a
         dict that receives, per read block, the memory slots each head picked (B, Hr, k), -1 for
         the null slot (what an inspector shows as "the last read")."""
         x = self.embed(tokens)  # (B, D)

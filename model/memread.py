@@ -74,46 +74,67 @@ class MemoryRead(nn.Module):
         self.gate = nn.Linear(D, D)
         nn.init.constant_(self.gate.bias, -2.0)  # start mostly closed: memory earns its way in
 
-    def memory_kv(self, memory: MemorySlots | None, batch: int) -> tuple[Tensor, Tensor, Tensor]:
-        """Keys and values of the slots (a null slot first) -> keys, values (B, Hr, M+1, dh),
-        valid (B, M+1). They depend only on the memory and its ages, so a server computes them
-        once per memory version (and age change) instead of at every step."""
+    def memory_kv(
+        self, memory: MemorySlots | None, batch: int
+    ) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+        """Keys and values of the slots (a null slot first) without their age terms -> keys,
+        values (B, Hr, M+1, dh), valid (B, M+1), age buckets (B, M+1) (-1: the null slot, which
+        has no age). A slot's key is kv(mem_norm(slot) + level + age) and the projection is
+        linear, so the age term splits off: kv(age_emb) is one small table, added at read time
+        (`forward`). What is left depends only on the memory version, so a server computes it
+        once per version (and weights), not at every step or segment."""
         Hr, dh, D = self.heads, self.head_dim, self.heads * self.head_dim
         null = self.null_kv.view(2, 1, 1, D).expand(2, batch, 1, D)
+        dev = self.null_kv.device
         if memory is None or memory.size == 0:
             keys, values = null[0], null[1]
-            valid = torch.ones(batch, 1, dtype=torch.bool, device=self.null_kv.device)
+            valid = torch.ones(batch, 1, dtype=torch.bool, device=dev)
+            age = torch.full((batch, 1), -1, dtype=torch.long, device=dev)
         else:
-            m = (
-                self.mem_norm(memory.slots)
-                + self.level_emb(memory.level)
-                + self.age_emb(memory.age)
-            )
+            m = self.mem_norm(memory.slots) + self.level_emb(memory.level)
             k, v = self.kv(m).chunk(2, dim=-1)  # (B, M, D)
             keys, values = torch.cat([null[0], k], 1), torch.cat([null[1], v], 1)  # (B, M+1, D)
             valid = torch.cat([memory.mask.new_ones(batch, 1), memory.mask], 1)
+            age = torch.cat([memory.age.new_full((batch, 1), -1), memory.age], 1)
         M1 = keys.shape[1]
         keys = keys.reshape(batch, M1, Hr, dh).transpose(1, 2)  # (B, Hr, M+1, dh)
         values = values.reshape(batch, M1, Hr, dh).transpose(1, 2)
-        return keys, values, valid
+        return keys, values, valid, age
+
+    def age_kv(self) -> tuple[Tensor, Tensor]:
+        """The age terms of keys and values: kv(age_emb) -> (Hr, A, dh) each, A age buckets."""
+        Hr, dh = self.heads, self.head_dim
+        k, v = self.kv(self.age_emb.weight).chunk(2, dim=-1)  # (A, D)
+        A = k.shape[0]
+        return k.view(A, Hr, dh).transpose(0, 1), v.view(A, Hr, dh).transpose(0, 1)
 
     def forward(
         self,
         x: Tensor,
         memory: MemorySlots | None,
         return_picks: bool = False,
-        kv: tuple[Tensor, Tensor, Tensor] | None = None,
+        kv: tuple[Tensor, Tensor, Tensor, Tensor] | None = None,
     ) -> tuple[Tensor, Tensor | None]:
         """x (B, T, D) residual stream -> residual update (B, T, D), and optionally the picked
         slot indices (B, Hr, T, k) into memory (-1 = the null slot). kv: precomputed
-        memory_kv(memory) (then memory is not read)."""
+        memory_kv(memory) with the age buckets of this read (then memory is not read).
+
+        With one-hot ages O (B, M+1, A) and the age table Ka, Va: the keys are K + O Ka, so
+        q.keys = q.K + (q Ka^T) O^T, and the output attn (V + O Va) = attn V + (attn O) Va: two
+        products over A buckets instead of adding the table into every slot's key and value."""
         B, T, D = x.shape
         Hr, dh = self.heads, self.head_dim
         h = self.norm(x)
         q = self.q(h).view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
-        keys, values, valid = self.memory_kv(memory, B) if kv is None else kv
+        keys, values, valid, age = self.memory_kv(memory, B) if kv is None else kv
+        age_k, age_v = self.age_kv()  # (Hr, A, dh)
+        onehot = (age.unsqueeze(-1) == torch.arange(age_k.shape[1], device=age.device)).to(
+            q.dtype
+        )[:, None]  # (B, 1, M+1, A); the null slot's row is zero
         M1 = keys.shape[2]
-        scores = (q @ keys.transpose(-1, -2)) / math.sqrt(dh)  # (B, Hr, T, M+1)
+        scores = (q @ keys.transpose(-1, -2) + (q @ age_k.transpose(-1, -2)) @ onehot.transpose(
+            -1, -2
+        )) / math.sqrt(dh)  # (B, Hr, T, M+1)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         k_eff = min(self.topk, M1)
         picks = None
@@ -124,5 +145,6 @@ class MemoryRead(nn.Module):
         elif return_picks:
             picks = scores.argsort(dim=-1, descending=True) - 1
         attn = torch.softmax(scores, dim=-1)
-        o = (attn @ values).transpose(1, 2).reshape(B, T, D)
+        o = attn @ values + (attn @ onehot) @ age_v  # (B, Hr, T, dh)
+        o = o.transpose(1, 2).reshape(B, T, D)
         return self.out(o) * torch.sigmoid(self.gate(h)), picks
