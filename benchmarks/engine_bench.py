@@ -609,7 +609,9 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
             )
             t0 = time.perf_counter()
             if cuda:
-                events.append((torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)))
+                events.append(
+                    (torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True))
+                )
                 events[-1][0].record()
             launched = runner.launch(plan)
             if cuda:

@@ -236,7 +236,8 @@ class Runner:
             return
         assert self.memory is not None
         m = self.memory
-        mem = MemorySlots(m.slots[rows], m.level[rows], torch.zeros_like(m.level[rows]), m.mask[rows])
+        level = m.level[rows]
+        mem = MemorySlots(m.slots[rows], level, torch.zeros_like(level), m.mask[rows])
         for i, (K, V, valid) in self.mem_kv.items():
             k, v, ok, _ = self.reads[i].memory_kv(mem, mem.slots.shape[0])
             K[rows], V[rows], valid[rows] = k, v, ok

@@ -128,13 +128,13 @@ class MemoryRead(nn.Module):
         q = self.q(h).view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
         keys, values, valid, age = self.memory_kv(memory, B) if kv is None else kv
         age_k, age_v = self.age_kv()  # (Hr, A, dh)
-        onehot = (age.unsqueeze(-1) == torch.arange(age_k.shape[1], device=age.device)).to(
-            q.dtype
-        )[:, None]  # (B, 1, M+1, A); the null slot's row is zero
+        onehot = (age.unsqueeze(-1) == torch.arange(age_k.shape[1], device=age.device)).to(q.dtype)[
+            :, None
+        ]  # (B, 1, M+1, A); the null slot's row is zero
         M1 = keys.shape[2]
-        scores = (q @ keys.transpose(-1, -2) + (q @ age_k.transpose(-1, -2)) @ onehot.transpose(
-            -1, -2
-        )) / math.sqrt(dh)  # (B, Hr, T, M+1)
+        scores = (
+            q @ keys.transpose(-1, -2) + (q @ age_k.transpose(-1, -2)) @ onehot.transpose(-1, -2)
+        ) / math.sqrt(dh)  # (B, Hr, T, M+1)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         k_eff = min(self.topk, M1)
         picks = None

@@ -1,6 +1,6 @@
 """The runner computes a slot's memory keys/values once per version, at install: crossing a
 segment boundary (where every slot's age changes) recomputes nothing, and the step's reads still
-equal direct reads of the memory with the ages of each byte (the age terms enter inside the step)."""
+equal direct reads of the memory with each byte's ages (the age terms enter inside the step)."""
 
 from __future__ import annotations
 
