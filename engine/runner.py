@@ -108,6 +108,7 @@ class Runner:
                     torch.zeros(rows, read.heads, M + 1, read.head_dim, device=dev),
                     torch.zeros(rows, M + 1, dtype=torch.bool, device=dev),
                 )
+            self._refresh_kv(slice(None))  # every row an empty memory: the null slot only
         # What each slot's last decoded byte read: per read block and head, the memory slots it
         # picked (-1: the null slot), and the context offset of that byte (-1: none yet). Written
         # inside the decode step (graph-safe), read only by the inspector.

@@ -78,8 +78,9 @@ def test_segment_boundaries_recompute_nothing_and_reads_stay_exact(device: str) 
             torch.testing.assert_close(runner.logits[slot], want[0], rtol=1e-4, atol=1e-4)
 
 
-def test_reset_slot_reads_an_empty_memory() -> None:
-    """A slot given to a new session reads only the null slot until its first install."""
+def test_slots_without_a_version_read_an_empty_memory() -> None:
+    """A slot never given a version, and one reset for a new session, read only the null slot
+    (as a direct read of no memory does) until their first install."""
     torch.manual_seed(8)
     cfg = ModelConfig.named("tiny").replace(segment_len=4)
     model = ByteLM(cfg).eval()
@@ -87,7 +88,9 @@ def test_reset_slot_reads_an_empty_memory() -> None:
     gen = torch.Generator().manual_seed(4)
     runner.install_memory(0, _memory(5, cfg.d_model, gen), torch.tensor([0, 0, 1, 1, 2]))
     runner.reset_slot(0)
-    runner.execute(StepPlan((), (Feed("s", 0, b"x", 0, True),), (), ()))
+    feeds = (Feed("a", 0, b"x", 0, True), Feed("b", 1, b"x", 0, True))
+    runner.execute(StepPlan((), feeds, (), ()))
     with torch.no_grad():
         want = model.step(torch.tensor([ord("x")]), model.allocate_state(1), memory=None)
-    torch.testing.assert_close(runner.logits[0], want[0], rtol=1e-5, atol=1e-5)
+    for slot in (0, 1):
+        torch.testing.assert_close(runner.logits[slot], want[0], rtol=1e-5, atol=1e-5)
