@@ -577,15 +577,26 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
         "device": device,
         "sessions": batch,
         "compress": args.compress,
+        "compile": "dynamic" if args.compile_dynamic else bool(args.compile),
+        "decode_dtype": args.decode_dtype,
     }
+    runners: dict[bool, Runner] = {}
     for memory_on in (False, True):
         cfg = EngineConfig(
             max_slots=batch,
             device=device,
             cuda_graphs=True,
+            compile=args.compile or args.compile_dynamic,
+            compile_dynamic=args.compile_dynamic,
+            decode_dtype=args.decode_dtype,
             memory_capacity=mem_cfg.max_slots if memory_on else 0,
         )
-        runner = Runner(model, cfg, capture_segments=memory_on)
+        runners[memory_on] = Runner(model, cfg, capture_segments=memory_on)
+
+    def run_once(memory_on: bool, name: str) -> dict[str, Any]:
+        runner = runners[memory_on]
+        for slot in range(batch):
+            runner.reset_slot(slot)
         stores = [SessionMemory.for_model(mc, mem_cfg) for _ in range(batch)]
         pos = [(i * S) // batch for i in range(batch)]  # staggered: segments close every few steps
         pool = ThreadPoolExecutor(1) if args.compress == "thread" else None
@@ -600,7 +611,7 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
         # step's launched work (its device time, read at the end)
         parts: list[tuple[float, float]] = []
         events: list[tuple[torch.cuda.Event, torch.cuda.Event]] = []
-        prof = _profiler(args, f"memory_{'on' if memory_on else 'off'}")
+        prof = _profiler(args, name)
         if prof is not None:
             prof.__enter__()
         for step in range(args.steps + 20):
@@ -662,36 +673,54 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
         if cuda:
             torch.cuda.synchronize()
         device_s = [a.elapsed_time(b) / 1e3 for a, b in events[20:]] if cuda else [0.0] * len(times)
-        key = "on" if memory_on else "off"
-        split = _steps_summary(times, marks, parts, device_s)
-        out[key] = {
+        return {
             "step_ms_p50": 1e3 * pct(times, 0.5),
             "step_ms_p99": 1e3 * pct(times, 0.99),
             "segments_applied": applied,
             "between_ms_p50": 1e3 * pct(between, 0.5),
             "between_ms_p99": 1e3 * pct(between, 0.99),
-            "steps": split,
+            "steps": _steps_summary(times, marks, parts, device_s),
         }
-        print(
-            f"memory {key:<3}: step p50 {out[key]['step_ms_p50']:.3f} ms, p99 {out[key]['step_ms_p99']:.3f} ms, "
-            f"segments consolidated {applied}; between steps p50 {out[key]['between_ms_p50']:.3f} ms, "
-            f"p99 {out[key]['between_ms_p99']:.3f} ms",
-            flush=True,
-        )
-        if memory_on:
+
+    # Off and on alternate, --repeats times, on the same two runners (compiled once): the ratio
+    # is of the medians of their p99s, so one noisy run of either side does not decide it.
+    runs: list[dict[str, Any]] = []
+    for rep in range(args.repeats):
+        for memory_on in (False, True):
+            key = "on" if memory_on else "off"
+            res = run_once(memory_on, f"memory_{key}" + (f"_{rep}" if rep else ""))
+            runs.append({"memory": key, "repeat": rep, **res})
+            if rep == 0:
+                out[key] = res
             print(
-                f"  {'steps':<10} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'launch':>9}"
-                f" {'wait':>8} {'device p50':>10} {'device p99':>10}"
+                f"memory {key:<3}: step p50 {res['step_ms_p50']:.3f} ms, p99 {res['step_ms_p99']:.3f} ms, "
+                f"segments consolidated {res['segments_applied']}; between steps p50 {res['between_ms_p50']:.3f} ms, "
+                f"p99 {res['between_ms_p99']:.3f} ms",
+                flush=True,
             )
-            for k, v in split.items():
+            if memory_on:
                 print(
-                    f"  {k:<10} {v['steps']:>6} {v['step_ms_p50']:>8.3f} {v['step_ms_p99']:>8.3f}"
-                    f" {v['launch_ms_p50']:>9.3f} {v['wait_ms_p50']:>8.3f}"
-                    f" {v['device_ms_p50']:>10.3f} {v['device_ms_p99']:>10.3f}"
+                    f"  {'steps':<10} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'launch':>9}"
+                    f" {'wait':>8} {'device p50':>10} {'device p99':>10}"
                 )
-        del runner
-    out["p99_ratio"] = out["on"]["step_ms_p99"] / out["off"]["step_ms_p99"]
-    print(f"p99 with memory / without: {out['p99_ratio']:.3f} (compress {args.compress})")
+                for k, v in res["steps"].items():
+                    print(
+                        f"  {k:<10} {v['steps']:>6} {v['step_ms_p50']:>8.3f} {v['step_ms_p99']:>8.3f}"
+                        f" {v['launch_ms_p50']:>9.3f} {v['wait_ms_p50']:>8.3f}"
+                        f" {v['device_ms_p50']:>10.3f} {v['device_ms_p99']:>10.3f}"
+                    )
+    p99 = {
+        k: statistics.median(r["step_ms_p99"] for r in runs if r["memory"] == k)
+        for k in ("off", "on")
+    }
+    out["runs"] = runs
+    out["repeats"] = args.repeats
+    out["p99_ms_median"] = p99
+    out["p99_ratio"] = p99["on"] / p99["off"]
+    print(
+        f"p99 with memory / without: {out['p99_ratio']:.3f} (medians of {args.repeats} runs each:"
+        f" {p99['on']:.3f} / {p99['off']:.3f} ms; compress {args.compress})"
+    )
     return out
 
 
@@ -714,6 +743,9 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--steps", type=int, default=50, help="decode grid: timed steps per point")
     p.add_argument("--memory", action="store_true", help="decode step time with memory on vs off")
+    p.add_argument(
+        "--repeats", type=int, default=1, help="--memory: alternate off and on this many times"
+    )
     p.add_argument(
         "--compress",
         choices=("inline", "thread"),

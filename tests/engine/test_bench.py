@@ -56,6 +56,24 @@ def test_decode_grid_times_the_runner_and_the_scheduler_loop(tmp_path: Path) -> 
     assert set(row["pipelined_host_ms"]) == {"plan", "launch", "wait", "complete"}
 
 
+def test_memory_bench_alternates_off_and_on_and_consolidates(tmp_path: Path) -> None:
+    """tiny's segment is 128 bytes; 2 sessions staggered by 64 over 140 steps close segments."""
+    r = bench(
+        tmp_path, "--model", "tiny", "--sessions", "2", "--steps", "140", "--memory",
+        "--repeats", "2",
+    )  # fmt: skip
+    assert [(x["memory"], x["repeat"]) for x in r["runs"]] == [
+        ("off", 0), ("on", 0), ("off", 1), ("on", 1),
+    ]  # fmt: skip
+    for x in r["runs"]:
+        assert (x["segments_applied"] > 0) == (x["memory"] == "on")
+        steps = x["steps"]
+        assert steps["quiet"]["steps"] + steps["event"]["steps"] == 140
+    assert r["on"]["steps"]["closed"]["steps"] > 0
+    p99 = r["p99_ms_median"]
+    assert r["p99_ratio"] == p99["on"] / p99["off"]
+
+
 def test_host_bench_times_the_engine_without_the_model() -> None:
     """The host bench stubs the runner's launch and collect: every byte comes back at once and
     the model never runs (a real step would be timed as host time)."""
