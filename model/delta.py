@@ -5,8 +5,9 @@
 with k and q L2-normalised, a (decay) and b (write strength) from sigmoids. Two forms:
 
 - chunkwise-parallel (training, prefill): within a chunk of C bytes the writes are solved as a
-  unit-lower-triangular system (the WY form), across chunks the state is carried; pure PyTorch,
-  runs on the CPU;
+  unit-lower-triangular system (the WY form), by the system's inverse built from blocks with
+  matmuls (`unit_lower_inverse`), across chunks the state is carried; pure PyTorch, runs on the
+  CPU;
 - recurrent (decode): one rank-one update per byte.
 
 Shapes: B batch, T bytes, H heads, C chunk, dk = dv = D / H. The state S is (B, H, dv, dk).
@@ -17,12 +18,18 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
+from torch.autograd.function import once_differentiable
 
 from model import kernels
 from model.config import ModelConfig
 from model.layers import RMSNorm, ShortConv, linear
 
 State = dict[str, Tensor]
+
+# How the chunked form solves its unit-lower-triangular systems: "inverse" (unit_lower_inverse,
+# then matmuls; backward two matmuls) or "triangular" (torch.linalg.solve_triangular, the former
+# path, kept to compare the two in one process).
+SOLVE = "inverse"
 
 
 def delta_rule_recurrent(
@@ -83,13 +90,10 @@ def _chunked(
     decay_incl = torch.where(incl, diff, float("-inf")).exp()
     # (I + A) W = b V - b gamma K S0^T, A_ij = b_i gamma_i / gamma_j (k_i . k_j) for j < i.
     A = b.unsqueeze(-1) * decay_strict * (k @ k.transpose(-1, -2))
-    eye = torch.eye(chunk, device=k.device, dtype=k.dtype)
-    L = eye + A
     gamma = lg.exp()
-    U = torch.linalg.solve_triangular(L, b.unsqueeze(-1) * v, upper=False, unitriangular=True)
-    Wk = torch.linalg.solve_triangular(
-        L, (b * gamma).unsqueeze(-1) * k, upper=False, unitriangular=True
-    )
+    # One solve for both right-hand sides (values and decayed keys).
+    rhs = torch.cat([b.unsqueeze(-1) * v, (b * gamma).unsqueeze(-1) * k], -1)
+    U, Wk = solve_unit_lower(A, rhs).split([dv, dk], -1)
     P = (q @ k.transpose(-1, -2)) * decay_incl  # (B, H, n, C, C)
     Qg = gamma.unsqueeze(-1) * q
     to_end = (lg[..., -1:] - lg).exp().unsqueeze(-1) * k  # gamma_C / gamma_i * k_i
@@ -101,6 +105,112 @@ def _chunked(
         S = gamma[:, :, c, -1, None, None] * S + W.transpose(-1, -2) @ to_end[:, :, c]
     o = torch.stack(outs, dim=2).reshape(B, H, n * chunk, dv)[:, :, :T]
     return o, S
+
+
+def solve_unit_lower(A: Tensor, rhs: Tensor) -> Tensor:
+    """(I + A)^-1 rhs for A (..., C, C) strictly lower triangular (only the entries below the
+    diagonal are read), rhs (..., C, r) -> (..., C, r). By SOLVE: the block inverse and a matmul
+    (backward: two matmuls), or torch.linalg.solve_triangular."""
+    if SOLVE == "triangular":
+        L = torch.eye(A.shape[-1], device=A.device, dtype=A.dtype) + A
+        return torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
+    return _InverseSolve.apply(A, rhs)
+
+
+class _InverseSolve(torch.autograd.Function):
+    """U = X rhs with X = (I + A)^-1 from unit_lower_inverse. Backward as for any triangular
+    solve: g_rhs = X^T g_U, g_A = -(g_rhs U^T) below the diagonal; saves X and U. Once
+    differentiable."""
+
+    @staticmethod
+    def forward(ctx, A: Tensor, rhs: Tensor) -> Tensor:  # type: ignore[override]
+        X = unit_lower_inverse(A)
+        U = X @ rhs
+        ctx.save_for_backward(X, U)
+        return U
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        X, U = ctx.saved_tensors
+        g_rhs = X.transpose(-1, -2) @ g
+        return -(g_rhs @ U.transpose(-1, -2)).tril(-1), g_rhs
+
+
+def unit_lower_inverse(A: Tensor, block: int = 16, split: bool | None = None) -> Tensor:
+    """(I + A)^-1 for A (..., C, C) strictly lower triangular (only the entries below the
+    diagonal are read) -> (..., C, C), lower triangular with a unit diagonal. Any C.
+
+    The diagonal blocks of `block` rows are inverted by forward substitution (elementwise products
+    and sums, no matmul), then blocks pair up, doubling in size until C (C padded with identity to
+    block * 2^k): [[L11, 0], [L21, L22]] has the inverse [[X11, 0], [-X22 L21 X11, X22]]. No
+    power series of A, whose terms can be large where the inverse is not: each entry comes from
+    products of inverses, to float32 accuracy (2e-7 relative at worst on keys like the model's,
+    as torch.linalg.solve_triangular).
+
+    Precision relied on: float32 products in the rounds between blocks. Where float32 matmuls run
+    in TF32 (the trainer on a GPU) plain products -X22 L21 X11 would round their inputs to 10
+    stored mantissa bits, and with the cancellation inside them (parallel keys, strong writes,
+    slow decay) the inverse would be only 1e-3 relative good, two to four times one TF32 matmul's
+    error, passed on to every later round. `split` (None: float32 on a GPU with
+    torch.backends.cuda.matmul.allow_tf32) computes them as split products (_split_product,
+    three times the work of these small products), which keeps the inverse within 1e-6 under
+    TF32; a solve with it (X @ rhs, one TF32 matmul) is then as good as any TF32 matmul.
+    tests/model/test_tril_inverse.py measures both with TF32 emulated."""
+    C = A.shape[-1]
+    if block >= C:  # a single block
+        return _substitute(A)
+    if split is None:
+        split = A.is_cuda and A.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    product = _split_product if split else torch.matmul
+    size = block << ((C - 1) // block).bit_length()  # block * 2^k >= C
+    if size != C:  # [[L, 0], [0, I]]: the inverse's top-left C x C is L^-1
+        A = F.pad(A, (0, size - C, 0, size - C))
+    X = _substitute(_diag_blocks(A, block))  # (..., size / s, s, s): inverses of diagonal blocks
+    s = block
+    while s < size:
+        L21 = _diag_blocks(A, 2 * s)[..., s:, :s]  # (..., size / 2s, s, s)
+        X11, X22 = X[..., 0::2, :, :], X[..., 1::2, :, :]
+        X21 = -product(product(X22, L21), X11)
+        top = torch.cat([X11, torch.zeros_like(X11)], -1)
+        X = torch.cat([top, torch.cat([X21, X22], -1)], -2)
+        s *= 2
+    return X.squeeze(-3)[..., :C, :C]
+
+
+def _split_product(a: Tensor, b: Tensor) -> Tensor:
+    """a @ b for float32 a (..., m, k), b (..., k, n), accurate to about 2^-20 relative also where
+    matmuls round float32 inputs to TF32. With a = ah + al, ah a's leading 11 significant bits
+    (exact in TF32, so ah bh is exact) and |al| < 2^-10 |a| (likewise b): ah bh + ah bl + al bh
+    as one matmul of three times the inner size; al bl, below 2^-20 |a| |b|, is left out. The
+    heads are cut with a bit mask, not a round trip through a narrower dtype, which a compiler
+    may drop."""
+    ah, bh = _tf32_head(a), _tf32_head(b)
+    return torch.cat([ah, ah, a - ah], -1) @ torch.cat([bh, b - bh, bh], -2)
+
+
+def _tf32_head(x: Tensor) -> Tensor:
+    """float32 x with the low 13 of its 23 stored mantissa bits cleared: exact in TF32."""
+    return (x.view(torch.int32) & -(1 << 13)).view(torch.float32)
+
+
+def _substitute(A: Tensor) -> Tensor:
+    """(I + A)^-1 by forward substitution, row i from the rows above it: A (..., n, n) strictly
+    lower (the rest is not read) -> (..., n, n). n - 1 steps: for small blocks."""
+    n = A.shape[-1]
+    eye = torch.eye(n, device=A.device, dtype=A.dtype)
+    rows = [eye[0].expand(*A.shape[:-2], n)]
+    for i in range(1, n):
+        above = torch.stack(rows, -2)  # (..., i, n): rows 0..i-1 of the inverse
+        rows.append(eye[i] - (A[..., i, :i, None] * above).sum(-2))
+    return torch.stack(rows, -2)
+
+
+def _diag_blocks(M: Tensor, s: int) -> Tensor:
+    """The diagonal s x s blocks of M (..., C, C) (C a multiple of s) -> (..., C / s, s, s)."""
+    m = M.shape[-1] // s
+    blocks = M.unflatten(-1, (m, s)).unflatten(-3, (m, s))  # (..., m, s, m, s)
+    return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
 
 
 class DeltaMixer(nn.Module):
