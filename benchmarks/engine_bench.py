@@ -698,7 +698,7 @@ def memory_compare(args: argparse.Namespace) -> dict[str, Any]:
                 f"p99 {res['between_ms_p99']:.3f} ms",
                 flush=True,
             )
-            if memory_on:
+            if memory_on or cuda:
                 print(
                     f"  {'steps':<10} {'count':>6} {'p50 ms':>8} {'p99 ms':>8} {'launch':>9}"
                     f" {'wait':>8} {'device p50':>10} {'device p99':>10}"

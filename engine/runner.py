@@ -103,9 +103,12 @@ class Runner:
         self.mem_kv: dict[int, tuple[Tensor, Tensor, Tensor]] = {}
         if M:
             for i, read in self.reads.items():
+                # bfloat16 beside bfloat16 weights: each step gathers its rows' keys and values
+                # (rows x heads x M+1 x head_dim, twice), the read's largest cost at many slots
+                kv_dtype = torch.bfloat16 if cfg.decode_dtype == "bfloat16" else torch.float32
                 self.mem_kv[i] = (
-                    torch.zeros(rows, read.heads, M + 1, read.head_dim, device=dev),
-                    torch.zeros(rows, read.heads, M + 1, read.head_dim, device=dev),
+                    torch.zeros(rows, read.heads, M + 1, read.head_dim, dtype=kv_dtype, device=dev),
+                    torch.zeros(rows, read.heads, M + 1, read.head_dim, dtype=kv_dtype, device=dev),
                     torch.zeros(rows, M + 1, dtype=torch.bool, device=dev),
                 )
             self._refresh_kv(slice(None))  # every row an empty memory: the null slot only

@@ -127,6 +127,7 @@ class MemoryRead(nn.Module):
         h = self.norm(x)
         q = self.q(h).view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
         keys, values, valid, age = self.memory_kv(memory, B) if kv is None else kv
+        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a server may cache them in bf16
         age_k, age_v = self.age_kv()  # (Hr, A, dh)
         onehot = (age.unsqueeze(-1) == torch.arange(age_k.shape[1], device=age.device)).to(q.dtype)[
             :, None

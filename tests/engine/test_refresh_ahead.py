@@ -94,3 +94,24 @@ def test_slots_without_a_version_read_an_empty_memory() -> None:
         want = model.step(torch.tensor([ord("x")]), model.allocate_state(1), memory=None)
     for slot in (0, 1):
         torch.testing.assert_close(runner.logits[slot], want[0], rtol=1e-5, atol=1e-5)
+
+
+def test_bfloat16_decode_caches_keys_values_in_bfloat16() -> None:
+    """Beside bfloat16 weights the cache halves what each step gathers; the reads stay within
+    bfloat16 rounding of the float32 cache's."""
+    torch.manual_seed(9)
+    cfg = ModelConfig.named("tiny").replace(segment_len=4)
+    model = ByteLM(cfg).eval()
+    gen = torch.Generator().manual_seed(5)
+    mem = _memory(5, cfg.d_model, gen)
+    written = torch.tensor([0, 0, 1, 1, 2])
+    logits = {}
+    for dtype in ("float32", "bfloat16"):
+        runner = Runner(model, EngineConfig(max_slots=2, memory_capacity=5, decode_dtype=dtype))
+        assert all(K.dtype == getattr(torch, dtype) for K, _, _ in runner.mem_kv.values())
+        runner.install_memory(0, mem, written)
+        for pos, tok in enumerate(b"memory"):
+            runner.execute(StepPlan((), (Feed("s", 0, bytes([tok]), pos, False),), (), ()))
+        logits[dtype] = runner.logits[0].clone()
+    torch.testing.assert_close(logits["bfloat16"], logits["float32"], rtol=0.05, atol=0.05)
+    assert not torch.equal(logits["bfloat16"], logits["float32"])  # the cache was bfloat16
