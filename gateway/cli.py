@@ -53,7 +53,7 @@ def _train(args: argparse.Namespace) -> int:
     import torch
 
     from model import ByteLM, ModelConfig
-    from model.evals.mix import Mixer, parse_mix
+    from model.evals.mix import Mixer, parse_mix_spec
     from model.train import Batch, StepLog, curriculum_batches, file_documents, train
 
     if getattr(args, "nats_url", None):
@@ -64,7 +64,7 @@ def _train(args: argparse.Namespace) -> int:
         print("bwr train: give --text FILE --out DIR, or --nats-url URL", file=sys.stderr)
         return 2
     try:
-        mix = parse_mix(args.mix)
+        mix, options = parse_mix_spec(args.mix)
     except ValueError as e:
         print(f"bwr train: {e}", file=sys.stderr)
         return 2
@@ -87,7 +87,7 @@ def _train(args: argparse.Namespace) -> int:
         )
 
     plain = curriculum_batches(docs, cfg)
-    mixer = Mixer(mix, seed=args.seed, case_len=args.case_len)
+    mixer = Mixer(mix, seed=args.seed, case_len=args.case_len, options=options)
     # answer masks only where they change the loss (weight 1: the plain mean)
     batches: Iterator[Batch] = (
         mixer.batches(plain, answers=cfg.answer_weight != 1) if mix else plain
@@ -161,7 +161,8 @@ def build_parser() -> argparse.ArgumentParser:
     tr.add_argument(
         "--mix",
         default="",
-        help="eval cases replacing this fraction of --text rows: passkey=0.3,mqar=0.2,facts=0.2",
+        help="eval cases replacing this fraction of --text rows: passkey=0.3,mqar=0.2,facts=0.2;"
+        " a task's generator options follow it, a range drawn per case: mqar=1:pairs=2-8:queries=2",
     )
     tr.add_argument(
         "--answer-weight",

@@ -33,6 +33,7 @@ from gateway.natsd import NatsServer, NatsServerError
 from gateway.persistence import MemoryPlugin
 from model import ByteLM, ModelConfig
 from model.config import PRESETS
+from model.evals.args import task_args
 from model.evals.tasks import TASKS, Case, parse_size
 
 PIECE = 256 << 10  # bytes per submit: a 16 MB prompt is never copied whole into the inbox
@@ -71,6 +72,7 @@ class Report:
     state_bytes_per_session: int
     cells: list[Cell]
     consolidation: dict[str, int] = field(default_factory=dict)  # totals over the run
+    task_args: dict[str, Any] = field(default_factory=dict)  # generator keywords (mqar's pairs)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -249,7 +251,7 @@ async def evaluate(
     if nats_url is None:
         async with Engine(model, cfg) as engine:
             cells = await _sweep(engine, None, task, lengths, depths, n, seed, 0.0, task_args)
-        return Report(task, model_name, False, 0, state, cells)
+        return Report(task, model_name, False, 0, state, cells, task_args=task_args)
     with tempfile.TemporaryDirectory(prefix="bwr-eval-") as data_dir:
         plugin = MemoryPlugin(nats_url, model, workers=workers, data_dir=data_dir, ingest=False)
         try:
@@ -278,7 +280,7 @@ async def evaluate(
         "versions_installed": engine.metrics.memory_installs,
         "jobs_failed": plugin.service.stats.failed,
     }
-    return Report(task, model_name, True, plugin.capacity, state, cells, totals)
+    return Report(task, model_name, True, plugin.capacity, state, cells, totals, task_args)
 
 
 # ----- output -----
@@ -318,11 +320,17 @@ def load_model(name: str, device: str, seed: int = 0) -> ByteLM:
 
 
 def run(args: argparse.Namespace) -> int:
+    try:
+        extra = task_args(args)
+    except ValueError as e:
+        print(f"bwr eval: {e}", file=sys.stderr)
+        return 2
     lengths = [parse_size(x) for x in args.lengths.split(",") if x]
     depths = [float(x) for x in args.depths.split(",") if x]
     model = load_model(args.model, args.device, args.seed)
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
-    print(f"task {args.task}  model {args.model}  n {args.n}  device {args.device}")
+    opts = "".join(f"  {k} {v}" for k, v in extra.items())
+    print(f"task {args.task}{opts}  model {args.model}  n {args.n}  device {args.device}")
 
     def go(url: str | None) -> Report:
         return asyncio.run(
@@ -338,6 +346,7 @@ def run(args: argparse.Namespace) -> int:
                 workers=args.memory_workers,
                 settle_s=args.settle,
                 model_name=args.model,
+                **extra,
             )
         )
 

@@ -10,8 +10,10 @@ shape or any row it does not replace; it knows nothing about the optimiser.
 
 from __future__ import annotations
 
+import inspect
 import random
 from collections.abc import Iterator
+from typing import Any
 
 import torch
 from torch import Tensor
@@ -22,11 +24,26 @@ TRAIN_SEED = 1 << 30  # first training case seed; `bwr eval` uses --seed (defaul
 HEADROOM = 64  # bytes kept free for answers and later turns; filled by leading filler
 
 
-def parse_mix(text: str) -> dict[str, float]:
-    """ "passkey=0.3,mqar=0.2" -> {"passkey": 0.3, "mqar": 0.2}; fractions sum to at most 1."""
+Options = dict[str, dict[str, tuple[int, int]]]  # task -> generator keyword -> [lo, hi]
+
+
+def task_options(task: str) -> list[str]:
+    """The keywords a task's generator takes beyond (length, depth, seed): MQAR's pairs and
+    queries, the pass key's digits, the facts' n_facts."""
+    params = inspect.signature(TASKS[task]).parameters
+    return [k for k in params if k not in ("length", "depth", "seed")]
+
+
+def parse_mix_spec(text: str) -> tuple[dict[str, float], Options]:
+    """ "passkey=0.3,mqar=0.2:pairs=2-8:queries=2" -> ({"passkey": 0.3, "mqar": 0.2},
+    {"mqar": {"pairs": (2, 8), "queries": (2, 2)}}). Each task is TASK=FRACTION, optionally
+    followed by :KEYWORD=N or :KEYWORD=LO-HI for its generator (a range is drawn uniformly per
+    case); fractions sum to at most 1."""
     out: dict[str, float] = {}
+    options: Options = {}
     for part in filter(None, (p.strip() for p in text.split(","))):
-        name, _, frac = part.partition("=")
+        head, *opts = part.split(":")
+        name, _, frac = head.partition("=")
         if name not in TASKS:
             raise ValueError(f"--mix {part!r}: unknown task {name!r}; known: {sorted(TASKS)}")
         try:
@@ -35,9 +52,27 @@ def parse_mix(text: str) -> dict[str, float]:
             raise ValueError(f"--mix {part!r}: want TASK=FRACTION, e.g. passkey=0.3") from None
         if not 0 <= out[name] <= 1:
             raise ValueError(f"--mix {part!r}: a fraction lies in [0, 1]")
+        for opt in opts:
+            key, _, value = opt.partition("=")
+            if key not in task_options(name):
+                raise ValueError(f"--mix {part!r}: {name} takes {task_options(name)}, not {key!r}")
+            lo, _, hi = value.partition("-")
+            try:
+                bounds = (int(lo), int(hi or lo))
+            except ValueError:
+                raise ValueError(f"--mix {part!r}: want {key}=N or {key}=LO-HI") from None
+            if not 1 <= bounds[0] <= bounds[1]:
+                raise ValueError(f"--mix {part!r}: want 1 <= LO <= HI in {key}={value}")
+            options.setdefault(name, {})[key] = bounds
     if sum(out.values()) > 1 + 1e-9:
         raise ValueError(f"--mix {text!r}: fractions sum to {sum(out.values()):g} > 1")
-    return out
+    return out, options
+
+
+def parse_mix(text: str) -> dict[str, float]:
+    """ "passkey=0.3,mqar=0.2" -> {"passkey": 0.3, "mqar": 0.2} (options checked, then dropped:
+    parse_mix_spec keeps them)."""
+    return parse_mix_spec(text)[0]
 
 
 def case_bytes(case: Case) -> bytes:
@@ -45,17 +80,18 @@ def case_bytes(case: Case) -> bytes:
     return b"".join(p + a for p, a in case.turns)
 
 
-def case_row(task: str, length: int, depth: float, seed: int) -> bytes:
+def case_row(task: str, length: int, depth: float, seed: int, **task_args: Any) -> bytes:
     """Exactly `length` bytes: a case of `task` generated `HEADROOM` bytes short, led by filler
-    up to the length (the answers stay last, after their questions)."""
-    return case_spans(task, length, depth, seed)[0]
+    up to the length (the answers stay last, after their questions). `task_args` go to the
+    generator (MQAR's pairs and queries, say)."""
+    return case_spans(task, length, depth, seed, **task_args)[0]
 
 
 def case_spans(
-    task: str, length: int, depth: float, seed: int
+    task: str, length: int, depth: float, seed: int, **task_args: Any
 ) -> tuple[bytes, list[tuple[int, int]]]:
     """case_row's bytes and the [start, end) of each answer in them."""
-    case = TASKS[task](length - HEADROOM, depth, seed)
+    case = TASKS[task](length - HEADROOM, depth, seed, **task_args)
     data = case_bytes(case)
     if len(data) > length:
         raise ValueError(f"a {task} case of {len(data)} bytes does not fit a {length}-byte row")
@@ -75,11 +111,21 @@ class Mixer:
 
     case_len > 0 fills a replaced row with as many cases of case_len bytes as fit (filler leads
     the remainder), each with its own depth and seed: more answers per byte trained. `mix`
-    returns, beside the batch, where the answers are, so the loss can weight them."""
+    returns, beside the batch, where the answers are, so the loss can weight them.
 
-    def __init__(self, mix: dict[str, float], seed: int = 0, case_len: int = 0) -> None:
+    options (parse_mix_spec's) set a task's generator keywords, each drawn per case from its
+    [lo, hi] (MQAR with 2 to 8 pairs, say); a task without options takes its defaults."""
+
+    def __init__(
+        self,
+        mix: dict[str, float],
+        seed: int = 0,
+        case_len: int = 0,
+        options: Options | None = None,
+    ) -> None:
         self.mix = {k: v for k, v in mix.items() if v > 0}
         self.case_len = case_len
+        self.options = options or {}
         self.rng = random.Random(f"mix/{seed}")
         self.next_seed = TRAIN_SEED + seed * (1 << 20)  # disjoint per training seed
         self.replaced: dict[str, int] = dict.fromkeys(self.mix, 0)
@@ -113,7 +159,11 @@ class Mixer:
                 for _ in range(k):
                     depth, seed = self.rng.random(), self.next_seed
                     self.next_seed += 1
-                    row, sp = case_spans(task, size, depth, seed)
+                    kw = {
+                        k: self.rng.randint(lo, hi)
+                        for k, (lo, hi) in self.options.get(task, {}).items()
+                    }
+                    row, sp = case_spans(task, size, depth, seed, **kw)
                     parts.append(row)
                     spans += [(at + a, at + b) for a, b in sp]
                     at += size

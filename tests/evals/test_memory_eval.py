@@ -65,3 +65,21 @@ def test_no_memory_reads_no_memory(
     assert engine.hooks is None and engine.runner.memory is None
     assert engine.config.memory_capacity == 0
     assert engine.metrics.memory_installs == 0
+
+
+def test_mqar_pairs_and_queries_reach_the_generator(
+    tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    out = tmp_path / "mqar.json"
+    args = ["eval", "mqar", "--model", "tiny", "--lengths", "128", "--depths", "0.5", "--n", "2"]
+    assert main([*args, "--pairs", "3", "--queries", "2", "--no-memory", "--json", str(out)]) == 0
+    assert "task mqar  pairs 3  queries 2" in capsys.readouterr().out
+    data = json.loads(out.read_text())
+    assert data["task_args"] == {"pairs": 3, "queries": 2}
+    assert data["cells"][0]["turns"] == 4  # two cases, two queries each
+    args[5] = "512"  # room for the default 16 pairs
+    assert main([*args, "--no-memory", "--json", str(out)]) == 0
+    data = json.loads(out.read_text())
+    assert data["task_args"] == {} and data["cells"][0]["turns"] == 8  # 4 queries a case
+    assert main(["eval", "passkey", "--pairs", "2", "--no-memory"]) == 2
+    assert main([*args, "--pairs", "0", "--no-memory"]) == 2

@@ -8,10 +8,12 @@ from pathlib import Path
 
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from gateway.cli import main
 from model.codec import decode
-from model.evals.mix import TRAIN_SEED, Mixer, case_row, parse_mix
+from model.evals.mix import TRAIN_SEED, Mixer, case_row, parse_mix, parse_mix_spec
 from model.evals.tasks import PASSKEY_QUESTION
 from model.train import file_documents, pack
 
@@ -157,3 +159,53 @@ def test_train_with_answer_weight_and_case_len(
     args += ["--seq-len", "512", "--device", "cpu", "--mix", "passkey=1", "--out", str(out)]
     assert main([*args, "--answer-weight", "20", "--case-len", "256"]) == 0
     assert "mixed in {'passkey': 8} of 8 rows" in capsys.readouterr().out
+
+
+def test_parse_mix_spec_options() -> None:
+    mix, options = parse_mix_spec("passkey=0.2:digits=3, mqar=0.8:pairs=2-8:queries=2")
+    assert mix == {"passkey": 0.2, "mqar": 0.8} == parse_mix("passkey=0.2,mqar=0.8:pairs=4")
+    assert options == {"passkey": {"digits": (3, 3)}, "mqar": {"pairs": (2, 8), "queries": (2, 2)}}
+    assert parse_mix_spec("mqar=1") == ({"mqar": 1.0}, {})
+    for bad in (
+        "mqar=1:depth=2",  # the mixer draws depths and seeds
+        "mqar=1:digits=3",  # not an MQAR keyword
+        "mqar=1:pairs",
+        "mqar=1:pairs=x",
+        "mqar=1:pairs=0",
+        "mqar=1:pairs=8-2",
+        "mqar=1:pairs=2-x",
+    ):
+        with pytest.raises(ValueError):
+            parse_mix_spec(bad)
+
+
+@settings(max_examples=25, deadline=None)
+@given(lo=st.integers(1, 6), extra=st.integers(0, 4), queries=st.integers(1, 4))
+def test_mixer_draws_mqar_pairs_from_the_range(lo: int, extra: int, queries: int) -> None:
+    """Rows of 224 bytes cannot hold MQAR at its 16 default pairs; with pairs=LO-HI they hold
+    cases of LO to HI pairs, each asked min(queries, pairs) times, with their answer spans."""
+    hi = lo + extra
+    batch = next(pack(file_documents(TEXT, 2048), 16, 224))
+    mixer = Mixer(
+        {"mqar": 1.0}, seed=lo, options={"mqar": {"pairs": (lo, hi), "queries": (queries, queries)}}
+    )
+    out, answers = mixer.mix_batch(batch)
+    assert mixer.replaced == {"mqar": 16} and mixer.too_short == {"mqar": 0}
+    for row, mask in zip(out, answers, strict=True):
+        context, tail = decode(row).split(b"\nQueries:", 1)
+        pairs = dict(re.findall(rb" (k\d{3})=(v\d{3}); ", context))
+        asked = re.findall(rb" (k\d{3})=(v\d{3});", tail)
+        assert lo <= len(pairs) <= hi and len(asked) == min(queries, len(pairs))
+        assert all(pairs[k] == v for k, v in asked)
+        assert int(mask.sum()) == 5 * len(asked)
+    assert not Mixer({"mqar": 1.0}, seed=lo).mix_batch(batch)[1].any()  # 16 pairs: too short
+
+
+def test_train_with_mix_options(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
+    out = tmp_path / "ckpt"
+    args = ["train", "--text", str(TEXT), "--config", "tiny", "--steps", "2", "--batch-size", "4"]
+    args += ["--seq-len", "224", "--device", "cpu", "--out", str(out)]
+    assert main([*args, "--mix", "mqar=1:pairs=2-4:queries=2"]) == 0
+    printed = capsys.readouterr().out
+    assert "mixed in {'mqar': 8} of 8 rows" in printed and "too short" not in printed
+    assert main([*args, "--mix", "mqar=1:keys=4"]) == 2
