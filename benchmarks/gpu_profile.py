@@ -204,6 +204,54 @@ def sampler(batches: list[int]) -> list[dict[str, Any]]:
     return out
 
 
+def gemv(model: Any, rows: list[int], dtype: str) -> list[dict[str, Any]]:
+    """Device time of each distinct decode projection of the model (the decode cache's weights)
+    with a few rows: cuBLAS (F.linear) against the GEMV kernel at each warps setting, each
+    captured in a CUDA graph of 20 calls and timed with events."""
+    from model.decode_cache import build_decode_cache
+
+    cache = build_decode_cache(model, getattr(torch, dtype))
+    shapes = sorted({tuple(w.shape) for w in cache.values() if w.dim() == 2})
+    out = []
+    for n, k in shapes:
+        w = next(w for w in cache.values() if tuple(w.shape) == (n, k))
+        for m in rows:
+            x = torch.randn(m, k, device="cuda")
+            row: dict[str, Any] = {"n": n, "k": k, "rows": m}
+            variants: dict[str, Any] = {
+                "cublas": lambda x=x, w=w: torch.nn.functional.linear(x.to(w.dtype), w)
+            }
+            for warps in (1, 2, 4, 8):
+                variants[f"gemv_w{warps}"] = lambda x=x, w=w, warps=warps: _gemv_warps(x, w, warps)
+            for name, fn in variants.items():
+                fn()
+                torch.cuda.synchronize()
+                graph = torch.cuda.CUDAGraph()
+                with torch.cuda.graph(graph):
+                    for _ in range(20):
+                        fn()
+                row[name] = graph_ms(graph) * 1e3 / 20
+            out.append(row)
+            best = min((v, k2) for k2, v in row.items() if k2.startswith("gemv"))
+            print(
+                f"gemv {n:>5} x {k:>5} rows {m}: cuBLAS {row['cublas']:6.2f} us, "
+                f"best GEMV {best[0]:6.2f} us ({best[1]})",
+                flush=True,
+            )
+    return out
+
+
+def _gemv_warps(x: torch.Tensor, w: torch.Tensor, warps: int) -> torch.Tensor:
+    from model import kernels
+
+    was = kernels.TUNING["gemv_warps"]
+    kernels.TUNING["gemv_warps"] = warps
+    try:
+        return kernels.gemv(x, w)
+    finally:
+        kernels.TUNING["gemv_warps"] = was
+
+
 def main() -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--model", default="base")
@@ -217,6 +265,7 @@ def main() -> int:
         "--no-split-reductions", action="store_true", help="inductor: one program per reduction"
     )
     p.add_argument("--sampler", default="", help="batch sizes to time the sampler alone at")
+    p.add_argument("--gemv", default="", help="rows to time each projection at, cuBLAS vs GEMV")
     p.add_argument("--json", type=Path)
     args = p.parse_args()
     torch.set_float32_matmul_precision("high")
@@ -241,6 +290,7 @@ def main() -> int:
         r for b in filter(None, args.sweep.split(",")) for r in sweep(model, int(b), args.dtype)
     ]
     out["sampler"] = sampler([int(b) for b in filter(None, args.sampler.split(","))])
+    out["gemv"] = gemv(model, [int(b) for b in filter(None, args.gemv.split(","))], args.dtype)
     if args.json:
         args.json.write_text(json.dumps(out, indent=2))
     return 0

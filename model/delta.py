@@ -22,7 +22,7 @@ from torch.autograd.function import once_differentiable
 
 from model import kernels
 from model.config import ModelConfig
-from model.layers import RMSNorm, ShortConv, linear
+from model.layers import RMSNorm, ShortConv, linear, project
 
 State = dict[str, Tensor]
 
@@ -266,24 +266,28 @@ class DeltaMixer(nn.Module):
         slots: Tensor | None,
         cache: dict[str, Tensor] | None = None,
         key: str = "",
+        norm: RMSNorm | None = None,
+        res: Tensor | None = None,
     ) -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
-        x (B, D) -> y (B, D). Fused on the GPU (one matmul for all input projections from the
+        x (B, D) -> y (B, D); with norm, x is normalised first, with res, -> res + y (the fused
+        projections fold both in). Fused on the GPU (one matmul for all input projections from the
         decode cache, then the conv, the delta rule, the norm and the gate in one kernel, one pass
         over S), eager elsewhere."""
         if slots is None or cache is None or not kernels.available(x):
             cur = {k: v if slots is None else v.index_select(0, slots) for k, v in pool.items()}
-            y, new = self.step(x, cur)
+            y, new = self.step(x if norm is None else norm(x), cur)
             for k, v in pool.items():
                 v.copy_(new[k]) if slots is None else v.index_copy_(0, slots, new[k])
-            return y
+            return y if res is None else res + y
         w = cache[key + "in"]
-        z = F.linear(x.to(w.dtype), w)  # (B, 4D + 2H): q, k, v, decay and write logits, gate
+        z = project(x, w, norm=norm)  # (B, 4D + 2H): q, k, v, decay and write logits, gate
         o = kernels.delta_step(
             z, cache[key + "in_bias"], self.short.weight, self.short.bias, pool["conv"],
             pool["S"], self.out_norm.weight, self.out_norm.eps, slots,
         )  # fmt: skip
-        return linear(o, cache[key + "out"])
+        out = cache[key + "out"]
+        return linear(o, out) if res is None else project(o, out, res=res)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Recurrent form. x (B, D) -> y (B, D) and the next state."""

@@ -24,7 +24,7 @@ from torch import Tensor, nn
 
 from model import kernels
 from model.config import ModelConfig
-from model.layers import ShortConv, linear
+from model.layers import RMSNorm, ShortConv, linear, project
 
 State = dict[str, Tensor]
 
@@ -161,24 +161,29 @@ class HyenaMixer(nn.Module):
         slots: Tensor | None,
         cache: dict[str, Tensor] | None = None,
         key: str = "",
+        norm: RMSNorm | None = None,
+        res: Tensor | None = None,
     ) -> Tensor:
         """Recurrent form on a state pool: rows `slots` (all if None) advance one byte in place.
-        x (B, D) -> y (B, D). Fused on the GPU (the conv, the modal recurrence and the gate in one
-        kernel, one pass over the states; weights from the decode cache), eager elsewhere."""
+        x (B, D) -> y (B, D); with norm, x is normalised first, with res, -> res + y (the fused
+        projections fold both in). Fused on the GPU (the conv, the modal recurrence and the gate
+        in one kernel, one pass over the states; weights from the decode cache), eager
+        elsewhere."""
         if slots is None or cache is None or not kernels.available(x):
             cur = {k: v if slots is None else v.index_select(0, slots) for k, v in pool.items()}
-            y, new = self.step(x, cur)
+            y, new = self.step(x if norm is None else norm(x), cur)
             for k, v in pool.items():
                 v.copy_(new[k]) if slots is None else v.index_copy_(0, slots, new[k])
-            return y
+            return y if res is None else res + y
         w = cache[key + "in"]
-        z = F.linear(x.to(w.dtype), w)  # (B, 3D) in the decode weights' dtype
+        z = project(x, w, norm=norm)  # (B, 3D) in the decode weights' dtype
         l_re, l_im, r_re, r_im = cache[key + "poles"].unbind(0)
         y = kernels.hyena_step(
             z, self.short.weight, self.short.bias, pool["conv"], l_re, l_im, r_re, r_im,
             pool["s_re"], pool["s_im"], self.skip, slots,
         )  # fmt: skip
-        return linear(y, cache[key + "out"])
+        out = cache[key + "out"]
+        return linear(y, out) if res is None else project(y, out, res=res)
 
     def step(self, x: Tensor, state: State) -> tuple[Tensor, State]:
         """Recurrent form. x (B, D) -> y (B, D) and the next state."""

@@ -38,7 +38,28 @@ def available(t: Tensor) -> bool:
 
 
 # Launch shapes (benchmarks/gpu_profile.py --sweep measures alternatives on the device).
-TUNING = {"hyena_channels": 128, "hyena_warps": 4, "delta_warps": 4}
+# gemv_rows: most rows a projection may have to take the GEMV kernel (0: never).
+TUNING = {
+    "hyena_channels": 128,
+    "hyena_warps": 4,
+    "delta_warps": 4,
+    "gemv_rows": 1,
+    "gemv_warps": 8,
+}
+GEMV_CTAS = 132  # programs a GEMV aims for at least: one per SM of an H100
+GEMV_TILE = 8192  # most elements of w one GEMV program holds
+GEMV_MAX_K = 8192  # wider inputs go to cuBLAS
+
+
+def use_gemv(x: Tensor) -> bool:
+    """Whether a decode projection of x (M, K) takes the GEMV kernel: a few rows on a GPU (at
+    four rows cuBLAS was as fast on an H100: docs/BENCHMARKS.md)."""
+    return (
+        available(x)
+        and x.dim() == 2
+        and x.shape[0] <= TUNING["gemv_rows"]
+        and x.shape[1] <= 2 * GEMV_MAX_K
+    )
 
 
 if HAVE_TRITON:
@@ -172,6 +193,72 @@ if HAVE_TRITON:
         g = tl.load(z_row + 3 * D + 2 * H + h * DK + i, mask=im, other=0.0).to(tl.float32)
         o = o * (g * tl.sigmoid(g))
         tl.store(o_ptr + b * D + h * DK + i, o.to(o_ptr.dtype.element_ty), mask=im)
+
+    @triton.jit
+    def _gemv_kernel(
+        x_ptr, w_ptr, y_ptr, nw_ptr, res_ptr, M, N, K, x_stride, eps,
+        MP: tl.constexpr, BLOCK_N: tl.constexpr, BLOCK_K: tl.constexpr,
+        NORM: tl.constexpr, GLU: tl.constexpr, RES: tl.constexpr,
+    ):  # fmt: skip
+        """y[m, n] = sum_k x[m, k] w[n, k] (+ res[m, n]) for BLOCK_N outputs n of every row
+        m < M (M <= MP, K <= BLOCK_K): each program loads its BLOCK_N rows of w whole, once, in
+        one round trip to memory, and reuses them for every row of x. The input row is taken
+        whole too, so it can be made here: silu(gate) * up from a (gate, up) row (GLU), then
+        RMS-normalised with weight nw (NORM)."""
+        n = tl.program_id(0) * BLOCK_N + tl.arange(0, BLOCK_N)
+        k = tl.arange(0, BLOCK_K)
+        nm, km = n < N, k < K
+        w = tl.load(w_ptr + n[:, None] * K + k[None, :], mask=nm[:, None] & km[None, :], other=0.0)
+        w = w.to(tl.float32)
+        if NORM:
+            nw = tl.load(nw_ptr + k, mask=km, other=0.0).to(tl.float32)
+        for m in tl.static_range(MP):
+            rm = km & (m < M)
+            x = tl.load(x_ptr + m * x_stride + k, mask=rm, other=0.0).to(tl.float32)
+            if GLU:
+                up = tl.load(x_ptr + m * x_stride + K + k, mask=rm, other=0.0).to(tl.float32)
+                x = x * tl.sigmoid(x) * up
+            if NORM:
+                x = x * tl.rsqrt(tl.sum(x * x, axis=0) / K + eps) * nw
+            y = tl.sum(w * x[None, :], axis=1)
+            if RES:
+                y += tl.load(res_ptr + m * N + n, mask=nm & (m < M), other=0.0)
+            tl.store(y_ptr + m * N + n, y.to(y_ptr.dtype.element_ty), mask=nm & (m < M))
+
+    @torch.library.triton_op("bwr::gemv", mutates_args={})
+    def gemv(
+        x: Tensor,
+        w: Tensor,
+        norm_w: Tensor | None = None,
+        eps: float = 0.0,
+        glu: bool = False,
+        res: Tensor | None = None,
+    ) -> Tensor:
+        """x (M, K) @ w (N, K)^T for a few rows M -> (M, N) in w's dtype, accumulated in float32;
+        with glu, x is (M, 2K) and the product takes silu(x[:, :K]) * x[:, K:]; with norm_w (K),
+        the RMS norm of that row (eps); with res (M, N) float32, res + the product in float32.
+        cuBLAS tiles N by 64 for one row: 36 programs for a 2,304 x 768 weight on 132 SMs, each
+        streaming 96 KB, about 4.6 us; here N is cut finer (a program's tile of w at most
+        GEMV_TILE elements, whole rows) so that many programs share the weight's bytes, each in
+        one load; making the input row in the same program saves the launch of a kernel for the
+        norm or the gate (a decode step at batch 1 is 48 projections and their glue)."""
+        M = x.shape[0]
+        N, K = w.shape
+        x = x.contiguous()
+        out_dtype = torch.float32 if res is not None else w.dtype
+        y = torch.empty(M, N, dtype=out_dtype, device=x.device)
+        block_k = triton.next_power_of_2(K)
+        block_n = max(1, min(32, GEMV_TILE // block_k))
+        while block_n > 1 and triton.cdiv(N, block_n) < GEMV_CTAS:
+            block_n //= 2
+        torch.library.wrap_triton(_gemv_kernel)[(triton.cdiv(N, block_n),)](
+            x, w, y, w if norm_w is None else norm_w, y if res is None else res.contiguous(),
+            M, N, K, x.shape[1], eps,
+            MP=triton.next_power_of_2(M), BLOCK_N=block_n, BLOCK_K=block_k,
+            NORM=norm_w is not None, GLU=glu, RES=res is not None,
+            num_warps=TUNING["gemv_warps"],
+        )  # fmt: skip
+        return y
 
     @torch.library.triton_op("bwr::hyena_step", mutates_args={"conv", "s_re", "s_im"})
     def hyena_step(

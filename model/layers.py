@@ -9,6 +9,8 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from model import kernels
+
 
 class RMSNorm(nn.Module):
     def __init__(self, dim: int, eps: float = 1e-6) -> None:
@@ -80,7 +82,30 @@ class ShortConv(nn.Module):
         return y, full[..., 1:]
 
 
+def project(
+    x: Tensor,
+    w: Tensor,
+    norm: RMSNorm | None = None,
+    glu: bool = False,
+    res: Tensor | None = None,
+) -> Tensor:
+    """A decode projection x (M, K) @ w.T in w's dtype (a decode cache weight); glu: x is
+    (M, 2K) and silu(x[:, :K]) * x[:, K:] goes in; norm: RMS-normalised first; res: -> res + the
+    product, in float32. A few rows on a GPU take the GEMV kernel, which does all of it in one
+    launch (model/kernels.py); elsewhere F.linear and the pieces around it."""
+    if kernels.use_gemv(x) and w.shape[1] <= kernels.GEMV_MAX_K:
+        nw = None if norm is None else norm.weight
+        return kernels.gemv(x, w, nw, 0.0 if norm is None else norm.eps, glu, res)
+    if glu:
+        gate, up = x.chunk(2, dim=-1)
+        x = F.silu(gate) * up
+    if norm is not None:
+        x = norm(x)
+    y = F.linear(x.to(w.dtype), w)
+    return y if res is None else res + y.float()
+
+
 def linear(x: Tensor, w: Tensor, bias: Tensor | None = None) -> Tensor:
     """x @ w.T computed in w's dtype (bfloat16 decode weights), result in float32."""
-    y = F.linear(x.to(w.dtype), w).float()
+    y = project(x, w).float()
     return y + bias if bias is not None else y

@@ -25,7 +25,6 @@ from __future__ import annotations
 from dataclasses import dataclass
 
 import torch
-import torch.nn.functional as F
 from torch import Tensor, nn
 
 from model.compressor import SegmentCompressor
@@ -33,7 +32,7 @@ from model.config import ModelConfig
 from model.decode_cache import DecodeCache
 from model.delta import DeltaMixer
 from model.hyena import HyenaMixer
-from model.layers import RMSNorm, SwiGLU, linear
+from model.layers import RMSNorm, SwiGLU, project
 from model.memread import MemoryRead, MemorySlots
 
 State = dict[str, Tensor]
@@ -57,11 +56,13 @@ class MixBlock(nn.Module):
     def step(
         self, x: Tensor, pool: State, slots: Tensor | None, cache: DecodeCache | None, key: str
     ) -> Tensor:
-        x = x + self.mixer.step_pool(self.norm1(x), pool, slots, cache, key)
         if cache is None or slots is None or not x.is_cuda:
+            x = x + self.mixer.step_pool(self.norm1(x), pool, slots, cache, key)
             return x + self.mlp(self.norm2(x))
-        gate, up = linear(self.norm2(x), cache[key + "up"]).chunk(2, dim=-1)
-        return x + linear(F.silu(gate) * up, cache[key + "down"])
+        # Fused: each projection makes its own input (norm, gate) and adds the residual.
+        x = self.mixer.step_pool(x, pool, slots, cache, key, norm=self.norm1, res=x)
+        up = project(x, cache[key + "up"], norm=self.norm2)  # (B, 2 hidden): gate, up
+        return project(up, cache[key + "down"], glu=True, res=x)
 
 
 class ReadBlock(nn.Module):
@@ -217,7 +218,10 @@ class ByteLM(nn.Module):
             if i == self.config.capture_layer:
                 capture = x
         fused = cache is not None and slots is not None and x.is_cuda
-        logits = linear(self.norm(x), cache["head"]) if fused else self.head(self.norm(x))
+        if fused:
+            logits = project(x, cache["head"], norm=self.norm).float()
+        else:
+            logits = self.head(self.norm(x))
         return (logits, capture) if return_hidden else logits
 
     # ----- memory -----

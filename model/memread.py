@@ -128,14 +128,15 @@ class MemoryRead(nn.Module):
         q = self.q(h).view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
         keys, values, valid, age = self.memory_kv(memory, B) if kv is None else kv
         keys, values = keys.to(q.dtype), values.to(q.dtype)  # a server may cache them in bf16
-        age_k, age_v = self.age_kv()  # (Hr, A, dh)
-        onehot = (age.unsqueeze(-1) == torch.arange(age_k.shape[1], device=age.device)).to(q.dtype)[
-            :, None
-        ]  # (B, 1, M+1, A); the null slot's row is zero
         M1 = keys.shape[2]
-        scores = (
-            q @ keys.transpose(-1, -2) + (q @ age_k.transpose(-1, -2)) @ onehot.transpose(-1, -2)
-        ) / math.sqrt(dh)  # (B, Hr, T, M+1)
+        scores = q @ keys.transpose(-1, -2)  # (B, Hr, T, M+1)
+        onehot = None
+        if M1 > 1:  # memory slots besides the null one (which has no age term)
+            age_k, age_v = self.age_kv()  # (Hr, A, dh)
+            buckets = torch.arange(age_k.shape[1], device=age.device)
+            onehot = (age.unsqueeze(-1) == buckets).to(q.dtype)[:, None]  # (B, 1, M+1, A)
+            scores = scores + (q @ age_k.transpose(-1, -2)) @ onehot.transpose(-1, -2)
+        scores = scores / math.sqrt(dh)
         scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
         k_eff = min(self.topk, M1)
         picks = None
@@ -146,6 +147,8 @@ class MemoryRead(nn.Module):
         elif return_picks:
             picks = scores.argsort(dim=-1, descending=True) - 1
         attn = torch.softmax(scores, dim=-1)
-        o = attn @ values + (attn @ onehot) @ age_v  # (B, Hr, T, dh)
+        o = attn @ values  # (B, Hr, T, dh)
+        if onehot is not None:
+            o = o + (attn @ onehot) @ age_v
         o = o.transpose(1, 2).reshape(B, T, D)
         return self.out(o) * torch.sigmoid(self.gate(h)), picks
