@@ -16,8 +16,9 @@ from dataclasses import dataclass
 import torch
 from torch import Tensor, nn
 
+from model import kernels
 from model.config import ModelConfig
-from model.layers import RMSNorm
+from model.layers import RMSNorm, project
 
 NAMESPACE_LEVEL = 0  # level id of a read-only namespace memory; session levels are 1..L
 
@@ -124,8 +125,15 @@ class MemoryRead(nn.Module):
         products over A buckets instead of adding the table into every slot's key and value."""
         B, T, D = x.shape
         Hr, dh = self.heads, self.head_dim
-        h = self.norm(x)
-        q = self.q(h).view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
+        gemv = T == 1 and kernels.use_gemv(x[:, 0])  # decode at a row or two: the GEMV kernel
+        if gemv:  # the norm made inside each projection's kernel
+            q = project(x[:, 0], self.q.weight, norm=self.norm)
+            g = project(x[:, 0], self.gate.weight, norm=self.norm) + self.gate.bias
+            q, g = q.view(B, T, D), g.view(B, T, D)
+        else:
+            h = self.norm(x)
+            q, g = self.q(h), self.gate(h)
+        q = q.view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
         keys, values, valid, age = self.memory_kv(memory, B) if kv is None else kv
         keys, values = keys.to(q.dtype), values.to(q.dtype)  # a server may cache them in bf16
         M1 = keys.shape[2]
@@ -151,4 +159,5 @@ class MemoryRead(nn.Module):
         if onehot is not None:
             o = o + (attn @ onehot) @ age_v
         o = o.transpose(1, 2).reshape(B, T, D)
-        return self.out(o) * torch.sigmoid(self.gate(h)), picks
+        y = project(o[:, 0], self.out.weight).view(B, T, D) if gemv else self.out(o)
+        return y * torch.sigmoid(g), picks
