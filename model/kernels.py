@@ -53,9 +53,11 @@ GEMV_MAX_K = 8192  # wider inputs go to cuBLAS
 
 def use_gemv(x: Tensor) -> bool:
     """Whether a decode projection of x (M, K) takes the GEMV kernel: a few rows on a GPU (at
-    four rows cuBLAS was as fast on an H100: docs/BENCHMARKS.md)."""
+    four rows cuBLAS was as fast on an H100: docs/BENCHMARKS.md), never under autograd (the
+    kernel has no backward)."""
     return (
         available(x)
+        and not (x.requires_grad and torch.is_grad_enabled())
         and x.dim() == 2
         and x.shape[0] <= TUNING["gemv_rows"]
         and x.shape[1] <= 2 * GEMV_MAX_K
