@@ -107,7 +107,9 @@ def test_grad_checkpointing_changes_no_number(micro_model: ByteLM) -> None:
         torch.testing.assert_close(twin(batch), micro_model(batch), rtol=0, atol=0)
 
 
-@pytest.mark.filterwarnings("ignore::UserWarning")  # dynamo's own, while it inspects tensors
+# dynamo's own: a UserWarning while it inspects tensors, and a DeprecationWarning when it traces
+# the delta rule's autograd.Function (it instantiates the class itself)
+@pytest.mark.filterwarnings("ignore::UserWarning", "ignore::DeprecationWarning")
 def test_compiled_blocks_change_no_number(micro_model: ByteLM) -> None:
     """Regional compilation (the trainer's default on a GPU) traces every mixing block, forward
     and backward, and computes the same loss and gradients; undo restores the eager blocks.
