@@ -109,6 +109,29 @@ class MemoryRead(nn.Module):
         A = k.shape[0]
         return k.view(A, Hr, dh).transpose(0, 1), v.view(A, Hr, dh).transpose(0, 1)
 
+    def _attend(
+        self, q: Tensor, keys: Tensor, values: Tensor, valid: Tensor, age: Tensor, picks: bool
+    ) -> tuple[Tensor, Tensor | None]:
+        """Top-k attention of q (B, Hr, T, dh) over the slots (a null slot first), their age
+        terms added (see forward) -> (B, Hr, T, dh), and the picks if asked."""
+        dh, M1 = self.head_dim, keys.shape[2]
+        age_k, age_v = self.age_kv()  # (Hr, A, dh)
+        buckets = torch.arange(age_k.shape[1], device=age.device)
+        onehot = (age.unsqueeze(-1) == buckets).to(q.dtype)[:, None]  # (B, 1, M+1, A)
+        scores = q @ keys.transpose(-1, -2)  # (B, Hr, T, M+1)
+        scores = scores + (q @ age_k.transpose(-1, -2)) @ onehot.transpose(-1, -2)
+        scores = (scores / math.sqrt(dh)).masked_fill(~valid[:, None, None, :], float("-inf"))
+        k_eff = min(self.topk, M1)
+        picked = None
+        if k_eff < M1:  # keep the k best slots per query, drop the rest
+            top, idx = scores.topk(k_eff, dim=-1)
+            scores = scores.masked_fill(scores < top[..., -1:], float("-inf"))
+            picked = idx - 1 if picks else None
+        elif picks:
+            picked = scores.argsort(dim=-1, descending=True) - 1
+        attn = torch.softmax(scores, dim=-1)
+        return attn @ values + (attn @ onehot) @ age_v, picked
+
     def forward(
         self,
         x: Tensor,
@@ -126,38 +149,24 @@ class MemoryRead(nn.Module):
         B, T, D = x.shape
         Hr, dh = self.heads, self.head_dim
         gemv = T == 1 and kernels.use_gemv(x[:, 0])  # decode at a row or two: the GEMV kernel
+        keys, values, valid, age = self.memory_kv(memory, B) if kv is None else kv
+        M1 = keys.shape[2]
         if gemv:  # the norm made inside each projection's kernel
-            q = project(x[:, 0], self.q.weight, norm=self.norm)
-            g = project(x[:, 0], self.gate.weight, norm=self.norm) + self.gate.bias
-            q, g = q.view(B, T, D), g.view(B, T, D)
+            g = (project(x[:, 0], self.gate.weight, norm=self.norm) + self.gate.bias).view(B, T, D)
         else:
             h = self.norm(x)
-            q, g = self.q(h), self.gate(h)
-        q = q.view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
-        keys, values, valid, age = self.memory_kv(memory, B) if kv is None else kv
-        keys, values = keys.to(q.dtype), values.to(q.dtype)  # a server may cache them in bf16
-        M1 = keys.shape[2]
-        scores = q @ keys.transpose(-1, -2)  # (B, Hr, T, M+1)
-        onehot = None
-        if M1 > 1:  # memory slots besides the null one (which has no age term)
-            age_k, age_v = self.age_kv()  # (Hr, A, dh)
-            buckets = torch.arange(age_k.shape[1], device=age.device)
-            onehot = (age.unsqueeze(-1) == buckets).to(q.dtype)[:, None]  # (B, 1, M+1, A)
-            scores = scores + (q @ age_k.transpose(-1, -2)) @ onehot.transpose(-1, -2)
-        scores = scores / math.sqrt(dh)
-        scores = scores.masked_fill(~valid[:, None, None, :], float("-inf"))
-        k_eff = min(self.topk, M1)
-        picks = None
-        if k_eff < M1:  # keep the k best slots per query, drop the rest
-            top, idx = scores.topk(k_eff, dim=-1)
-            scores = scores.masked_fill(scores < top[..., -1:], float("-inf"))
-            picks = idx - 1 if return_picks else None
-        elif return_picks:
-            picks = scores.argsort(dim=-1, descending=True) - 1
-        attn = torch.softmax(scores, dim=-1)
-        o = attn @ values  # (B, Hr, T, dh)
-        if onehot is not None:
-            o = o + (attn @ onehot) @ age_v
+            g = self.gate(h)
+        if M1 == 1 and not torch.is_grad_enabled():
+            # the null slot alone takes all the attention: no query needed (under autograd the
+            # query stays in the graph, with its zero gradient, for DDP's sake)
+            o = values.to(x.dtype).expand(B, Hr, T, dh)
+            picks = torch.full((B, Hr, T, 1), -1, device=x.device) if return_picks else None
+        else:
+            q = project(x[:, 0], self.q.weight, norm=self.norm).view(B, T, D) if gemv else self.q(h)
+            q = q.view(B, T, Hr, dh).transpose(1, 2)  # (B, Hr, T, dh)
+            # a server may cache keys and values in bfloat16
+            kq, vq = keys.to(q.dtype), values.to(q.dtype)
+            o, picks = self._attend(q, kq, vq, valid, age, return_picks)
         o = o.transpose(1, 2).reshape(B, T, D)
         y = project(o[:, 0], self.out.weight).view(B, T, D) if gemv else self.out(o)
         return y * torch.sigmoid(g), picks
