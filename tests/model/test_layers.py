@@ -1,13 +1,15 @@
 """ShortConv's two forms (shifted sums on a GPU or compiled, depthwise conv1d elsewhere) compute
-the same function, and its recurrent step continues either."""
+the same function, and its recurrent step continues either; the decode projection's contract."""
 
 from __future__ import annotations
 
+import pytest
 import torch
 from hypothesis import given, settings
 from hypothesis import strategies as st
+from torch import nn
 
-from model.layers import ShortConv
+from model.layers import RMSNorm, ShortConv, project
 
 
 @settings(max_examples=25, deadline=None)
@@ -50,3 +52,31 @@ def test_shifted_sums_add_in_float32_under_bf16() -> None:
     assert got.dtype == torch.bfloat16
     # only the inputs' and the result's rounding: far inside what bf16 sums would lose
     assert torch.allclose(got.float(), want, atol=0.05, rtol=0.02)
+
+
+@pytest.mark.parametrize(
+    "norm, glu, res",
+    [(False, False, False), (True, False, False), (False, True, True), (True, False, True)],
+)
+def test_project_makes_its_input_and_adds_the_residual(norm: bool, glu: bool, res: bool) -> None:
+    """The decode projection's contract, as its cuBLAS path computes it (the GEMV kernel is held
+    to the same on a GPU: tests/model/test_fused_kernels.py): gate, then norm, then the product in
+    the weight's dtype, then the residual in float32."""
+    torch.manual_seed(0)
+    k, n = 24, 10
+    x = torch.randn(3, 2 * k if glu else k)
+    w = torch.randn(n, k).to(torch.bfloat16)
+    rms = RMSNorm(k)
+    nn.init.uniform_(rms.weight, 0.5, 1.5)
+    r = torch.randn(3, n)
+    got = project(x, w, norm=rms if norm else None, glu=glu, res=r if res else None)
+    h = x
+    if glu:
+        h = torch.nn.functional.silu(h[:, :k]) * h[:, k:]
+    if norm:
+        h = h * torch.rsqrt(h.pow(2).mean(-1, keepdim=True) + rms.eps) * rms.weight
+    want = h.to(torch.bfloat16) @ w.T
+    if res:
+        want = r + want.float()
+    assert got.dtype == (torch.float32 if res else torch.bfloat16)
+    torch.testing.assert_close(got, want, rtol=1e-2, atol=1e-2)
