@@ -69,12 +69,6 @@ def parse_mix_spec(text: str) -> tuple[dict[str, float], Options]:
     return out, options
 
 
-def parse_mix(text: str) -> dict[str, float]:
-    """ "passkey=0.3,mqar=0.2" -> {"passkey": 0.3, "mqar": 0.2} (options checked, then dropped:
-    parse_mix_spec keeps them)."""
-    return parse_mix_spec(text)[0]
-
-
 def case_bytes(case: Case) -> bytes:
     """A case as one training sequence: every turn's prompt followed by its answer."""
     return b"".join(p + a for p, a in case.turns)

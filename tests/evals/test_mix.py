@@ -13,7 +13,7 @@ from hypothesis import strategies as st
 
 from gateway.cli import main
 from model.codec import decode
-from model.evals.mix import TRAIN_SEED, Mixer, case_row, parse_mix, parse_mix_spec
+from model.evals.mix import TRAIN_SEED, Mixer, case_row, parse_mix_spec
 from model.evals.tasks import PASSKEY_QUESTION
 from model.train import file_documents, pack
 
@@ -26,16 +26,15 @@ def natural(batches: int, rows: int = 8) -> list[torch.Tensor]:
     return [next(it) for _ in range(batches)]
 
 
-def test_parse_mix() -> None:
-    assert parse_mix("passkey=0.3, mqar=0.2,facts=0.2") == {
-        "passkey": 0.3,
-        "mqar": 0.2,
-        "facts": 0.2,
-    }
-    assert parse_mix("") == {}
+def test_parse_mix_fractions() -> None:
+    assert parse_mix_spec("passkey=0.3, mqar=0.2,facts=0.2") == (
+        {"passkey": 0.3, "mqar": 0.2, "facts": 0.2},
+        {},
+    )
+    assert parse_mix_spec("") == ({}, {})
     for bad in ("nope=0.1", "passkey", "passkey=2", "passkey=0.6,mqar=0.6"):
         with pytest.raises(ValueError):
-            parse_mix(bad)
+            parse_mix_spec(bad)
 
 
 def kind(row: bytes) -> str:
@@ -163,7 +162,7 @@ def test_train_with_answer_weight_and_case_len(
 
 def test_parse_mix_spec_options() -> None:
     mix, options = parse_mix_spec("passkey=0.2:digits=3, mqar=0.8:pairs=2-8:queries=2")
-    assert mix == {"passkey": 0.2, "mqar": 0.8} == parse_mix("passkey=0.2,mqar=0.8:pairs=4")
+    assert mix == {"passkey": 0.2, "mqar": 0.8} == parse_mix_spec("passkey=0.2,mqar=0.8:pairs=4")[0]
     assert options == {"passkey": {"digits": (3, 3)}, "mqar": {"pairs": (2, 8), "queries": (2, 2)}}
     assert parse_mix_spec("mqar=1") == ({"mqar": 1.0}, {})
     for bad in (
