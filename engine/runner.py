@@ -86,6 +86,7 @@ class Runner:
         self.temperature = torch.ones(rows, device=dev)
         self.top_k = torch.zeros(rows, dtype=torch.long, device=dev)
         self.top_p = torch.ones(rows, device=dev)
+        self.no_eos = torch.zeros(rows, dtype=torch.bool, device=dev)
         self.seed = torch.zeros(rows, dtype=torch.long, device=dev)
         self.counter = torch.zeros(rows, dtype=torch.long, device=dev)
         self.last_ids = torch.zeros(rows, dtype=torch.long, device=dev)  # each slot's last sample
@@ -198,6 +199,7 @@ class Runner:
         self.temperature[slot] = params.temperature
         self.top_k[slot] = params.top_k
         self.top_p[slot] = params.top_p
+        self.no_eos[slot] = params.ignore_eos
         self.seed[slot] = seed & 0xFFFFFFFF
 
     def install_memory(self, slot: int, memory: MemorySlots, written: Tensor) -> None:
@@ -321,6 +323,7 @@ class Runner:
             self.top_p[slots],
             self.seed[slots],
             self.counter[slots],
+            self.no_eos[slots],
         )
         self.counter.index_add_(0, slots, flag & 1)
         self.last_ids.index_copy_(0, slots, out)
@@ -402,6 +405,7 @@ class Runner:
                 self.top_p[slots],
                 self.seed[slots],
                 self.counter[slots],
+                self.no_eos[slots],
             )
             self.counter.index_add_(0, slots, torch.ones_like(slots))
             self.last_ids.index_copy_(0, slots, ids)

@@ -14,6 +14,7 @@ import torch
 from torch import Tensor
 
 BANNED = (256, 258, 259)  # BOS, PAD, SEP are never generated; EOS (257) ends a turn
+EOS = 257
 _M32 = 0xFFFFFFFF
 
 
@@ -39,14 +40,23 @@ def uniform_noise(seed: Tensor, counter: Tensor, vocab: int) -> Tensor:
 
 
 def sample(
-    logits: Tensor, temperature: Tensor, top_k: Tensor, top_p: Tensor, seed: Tensor, counter: Tensor
+    logits: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    seed: Tensor,
+    counter: Tensor,
+    no_eos: Tensor | None = None,
 ) -> Tensor:
-    """logits (n, V); temperature, top_p (n,) float; top_k, seed, counter (n,) long -> ids (n,).
+    """logits (n, V); temperature, top_p (n,) float; top_k, seed, counter (n,) long; no_eos (n,)
+    bool, rows that may not end their turn -> ids (n,).
 
     temperature 0 is greedy; top_k 0 keeps all; top_p 1 keeps all."""
     logits = logits.float().clone()
     logits[:, BANNED[0]] = float("-inf")  # slices, not an index list: no host copy in a graph
     logits[:, BANNED[1] :] = float("-inf")
+    if no_eos is not None:
+        logits[:, EOS] = logits[:, EOS].masked_fill(no_eos, float("-inf"))
     greedy = temperature <= 0
     t = torch.where(greedy, torch.ones_like(temperature), temperature)
     x = logits / t.unsqueeze(-1)

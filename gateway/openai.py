@@ -64,6 +64,7 @@ class CompletionRequest(msgspec.Struct):
     top_k: TopK | None = None  # an extension (vLLM has it too)
     seed: Seed | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool | None = None  # an extension (vLLM has it too): run to max_tokens or a stop
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: OneChoice = 1
@@ -91,6 +92,7 @@ class ChatRequest(msgspec.Struct):
     top_k: TopK | None = None
     seed: Seed | None = None
     stop: str | list[str] | None = None
+    ignore_eos: bool | None = None  # an extension (vLLM has it too): run to max_tokens or a stop
     stream: bool = False
     stream_options: StreamOptions | None = None
     n: OneChoice = 1
@@ -171,7 +173,13 @@ async def completions(request: Request) -> Response:
         params = _params(
             request,
             Sampling(
-                req.max_tokens, req.temperature, req.top_k, req.top_p, req.seed, _stops(req.stop)
+                req.max_tokens,
+                req.temperature,
+                req.top_k,
+                req.top_p,
+                req.seed,
+                _stops(req.stop),
+                req.ignore_eos,
             ),
         )
     except ProtocolError as e:
@@ -200,7 +208,13 @@ async def chat_completions(request: Request) -> Response:
         params = _params(
             request,
             Sampling(
-                limit, req.temperature, req.top_k, req.top_p, req.seed, _stops(req.stop, CHAT_STOP)
+                limit,
+                req.temperature,
+                req.top_k,
+                req.top_p,
+                req.seed,
+                _stops(req.stop, CHAT_STOP),
+                req.ignore_eos,
             ),
         )
     except ProtocolError as e:

@@ -35,6 +35,7 @@ SAMPLING = _obj(
         "top_p": NUM,
         "seed": INT,
         "stop": {"type": "array", "items": STR},
+        "ignore_eos": BOOL,
     }
 )
 SESSION = _obj(
@@ -59,6 +60,7 @@ COMMON = {
     "top_k": INT,
     "seed": INT,
     "stop": STOP,
+    "ignore_eos": BOOL,
     "stream": BOOL,
     "stream_options": _obj({"include_usage": BOOL}),
     "n": {"const": 1},

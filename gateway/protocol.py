@@ -69,6 +69,7 @@ class Sampling(msgspec.Struct, omit_defaults=True):
     top_p: TopP | None = None  # nucleus mass to keep
     seed: Seed | None = None  # same seed, same input, same bytes
     stop: list[str] | None = None  # stop sequences (UTF-8), not emitted
+    ignore_eos: bool | None = None  # never end the turn on end-of-sequence
 
 
 # ----- client frames -----
@@ -95,6 +96,7 @@ class Input(msgspec.Struct, tag="input", tag_field="type"):
     top_p: TopP | None = None
     seed: Seed | None = None
     stop: list[str] | None = None
+    ignore_eos: bool | None = None
 
     def payload(self) -> bytes:
         if self.data is not None:
@@ -103,7 +105,13 @@ class Input(msgspec.Struct, tag="input", tag_field="type"):
 
     def sampling(self) -> Sampling:
         return Sampling(
-            self.max_bytes, self.temperature, self.top_k, self.top_p, self.seed, self.stop
+            self.max_bytes,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.seed,
+            self.stop,
+            self.ignore_eos,
         )
 
 
@@ -358,6 +366,7 @@ def to_params(
             top_p=pick(turn.top_p, s.top_p, top_p),
             seed=pick(turn.seed, s.seed, None),
             stop=stops,
+            ignore_eos=pick(turn.ignore_eos, s.ignore_eos, False),
         )
     except ValueError as e:
         raise ProtocolError(ErrorCode.INVALID_FRAME, str(e)) from None

@@ -88,7 +88,8 @@ class SessionUser(User):
                 open_timeout=CFG.timeout_s,
                 compression=None,
             ).__enter__()  # entered: websockets 17.1 warns about a bare connect()
-            self.ws.send(json.dumps({"type": "open", "sampling": {"max_bytes": CFG.max_bytes}}))
+            sampling = {"max_bytes": CFG.max_bytes, "ignore_eos": CFG.ignore_eos}
+            self.ws.send(json.dumps({"type": "open", "sampling": sampling}))
             frame = json.loads(self.ws.recv(timeout=CFG.timeout_s))
             if frame.get("type") != "opened":
                 raise TurnFailed(f"open answered {frame}")
@@ -161,6 +162,7 @@ class CompletionUser(User):
         body: dict[str, Any] = {
             "prompt": turn_text(CFG.turn_bytes, self.salt * 11 + self.n),
             "max_tokens": CFG.max_bytes,
+            "ignore_eos": CFG.ignore_eos,
             "stream": True,
         }
         t0 = time.perf_counter()

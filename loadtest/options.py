@@ -24,6 +24,7 @@ class LoadConfig:
     nats_weight: int = 0  # BWR_NATS_WEIGHT: share of NATS ingestion users
     turn_bytes: int = 64  # BWR_TURN_BYTES: input bytes sent per turn
     max_bytes: int = 64  # BWR_MAX_BYTES: bytes generated per turn (SSE max_tokens too)
+    ignore_eos: bool = True  # BWR_IGNORE_EOS: 1 makes every turn run to max_bytes (fixed length)
     turns: int = 0  # BWR_TURNS: turns per session before it closes and reopens (0: never)
     think_s: float = 0.0  # BWR_THINK_S: pause between turns
     timeout_s: float = 60.0  # BWR_TIMEOUT_S: longest wait for any one frame or chunk
@@ -43,6 +44,7 @@ class LoadConfig:
             nats_weight=_int("BWR_NATS_WEIGHT", d.nats_weight),
             turn_bytes=_int("BWR_TURN_BYTES", d.turn_bytes),
             max_bytes=_int("BWR_MAX_BYTES", d.max_bytes),
+            ignore_eos=bool(_int("BWR_IGNORE_EOS", int(d.ignore_eos))),
             turns=_int("BWR_TURNS", d.turns),
             think_s=_float("BWR_THINK_S", d.think_s),
             timeout_s=_float("BWR_TIMEOUT_S", d.timeout_s),

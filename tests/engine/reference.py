@@ -88,9 +88,12 @@ class RefSession:
         out = bytearray()
         while True:
             assert self.logits is not None
+            logits = self.logits.clone()
+            if p.ignore_eos:
+                logits[:, 257] = float("-inf")  # what ignore_eos means, written out
             byte = int(
                 sample(
-                    self.logits,
+                    logits,
                     torch.tensor([p.temperature]),
                     torch.tensor([p.top_k]),
                     torch.tensor([p.top_p]),

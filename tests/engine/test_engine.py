@@ -225,6 +225,20 @@ async def test_eos_ends_the_turn(model: ByteLM) -> None:
     assert (out, done.reason) == (want, FinishReason.EOS) and done.usage.output_bytes == len(want)
 
 
+async def test_ignore_eos_runs_the_turn_to_max_bytes(model: ByteLM) -> None:
+    p = SamplingParams(max_bytes=40, temperature=0.0, ignore_eos=True)
+    want, reason = reference(model, b"stop here:", p)  # greedy picks EOS here without the flag
+    assert reason is FinishReason.LENGTH and len(want) == 40
+    async with Engine(model, engine_config(max_slots=2)) as engine:
+        a, b = engine.open(), engine.open()
+        a.submit(b"stop here:", p)
+        b.submit(b"stop here:", SamplingParams(max_bytes=40, temperature=0.0))  # same batch
+        out, done = await Reader(a).turn()
+        _, other = await Reader(b).turn()
+    assert (out, done.reason) == (want, FinishReason.LENGTH)
+    assert other.reason is FinishReason.EOS  # the flag is per session
+
+
 async def test_max_bytes_gives_length(model: ByteLM) -> None:
     p = SamplingParams(max_bytes=7, temperature=0.7, seed=1)
     want, reason = reference(model, b"count", p)

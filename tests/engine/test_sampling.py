@@ -112,6 +112,22 @@ def test_banned_ids_are_never_sampled(seed: int, temperature: float) -> None:
 
 
 @SETTINGS
+@given(seed=st.integers(0, 2**31 - 1), temperature=st.floats(0.0, 3.0))
+def test_no_eos_rows_never_end_and_other_rows_are_unchanged(seed: int, temperature: float) -> None:
+    n = 32
+    logits = random_logits(seed, n, 1.0)
+    logits[:, EOS] = 20.0  # EOS is almost certain
+    no_eos = torch.arange(n) % 2 == 0
+    out = sample(logits, *rows(n, temperature=temperature, seed=seed), no_eos)
+    free = sample(logits, *rows(n, temperature=temperature, seed=seed))
+    masked = logits.clone()
+    masked[:, EOS] = -math.inf
+    held = sample(masked, *rows(n, temperature=temperature, seed=seed))
+    assert EOS not in out[no_eos].tolist()
+    assert torch.equal(out[~no_eos], free[~no_eos]) and torch.equal(out[no_eos], held[no_eos])
+
+
+@SETTINGS
 @given(
     seeds=st.lists(st.integers(0, 2**32 - 1), min_size=2, max_size=12),
     data=st.data(),

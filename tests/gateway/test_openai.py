@@ -121,7 +121,13 @@ async def test_disconnect_cancels(server: Running) -> None:
         async with http.stream(
             "POST",
             "/v1/completions",
-            json={"prompt": "go", "max_tokens": 60000, "stream": True, "temperature": 0},
+            json={
+                "prompt": "go",
+                "max_tokens": 60000,
+                "stream": True,
+                "temperature": 0,
+                "ignore_eos": True,
+            },
         ) as r:
             async for line in r.aiter_lines():
                 if line.startswith("data: "):
@@ -136,7 +142,8 @@ async def test_disconnect_cancels(server: Running) -> None:
 
         task = asyncio.create_task(
             http.post(
-                "/v1/completions", json={"prompt": "go", "max_tokens": 60000, "temperature": 0}
+                "/v1/completions",
+                json={"prompt": "go", "max_tokens": 60000, "temperature": 0, "ignore_eos": True},
             )
         )
         for _ in range(300):

@@ -111,6 +111,10 @@ def test_sampling_merges_turn_over_session_over_gateway() -> None:
     p = to_params(Sampling(max_bytes=5), Sampling(max_bytes=9, temperature=0.0, stop=["\n"]), **kw)  # type: ignore[arg-type]
     assert p == SamplingParams(max_bytes=5, temperature=0.0, stop=(b"\n",))
     assert to_params(Sampling(), None, **kw).max_bytes == 256  # type: ignore[arg-type]
+    eos = Sampling(ignore_eos=True)
+    assert to_params(Sampling(), eos, **kw).ignore_eos  # type: ignore[arg-type]
+    assert not to_params(Sampling(ignore_eos=False), eos, **kw).ignore_eos  # type: ignore[arg-type]
+    assert not to_params(Sampling(), None, **kw).ignore_eos  # type: ignore[arg-type]
     for bad in (
         Sampling(max_bytes=1001),
         Sampling(stop=["a", "b", "c"]),
