@@ -44,6 +44,23 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
     ("--save-dtype", dict(choices=["float32", "bfloat16"], default="float32")),
     ("--out", dict(help="also write each checkpoint's model files under this directory")),
     ("--curriculum", dict(default="", help="e.g. 0:256x1,0.3:1024x2 (fraction:seq_len x segs)")),
+    (
+        "--memory-levels",
+        dict(
+            default="",
+            help="train through this hierarchy's merges: level capacities, e.g. 8,8,8 (''"
+            ": one unbounded level)",
+        ),
+    ),
+    ("--merge-group", dict(type=int, default=0, help="slots a full level merges (0: 4 * m)")),
+    (
+        "--state-drop",
+        dict(
+            type=float,
+            default=0.0,
+            help="chance a row's recurrent state is zeroed at a segment boundary (trains the read)",
+        ),
+    ),
     ("--grad-checkpoint", dict(action="store_true", help="recompute activations in backward")),
     (
         "--train-compile",
@@ -115,6 +132,9 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainerConfig]:
         compile=str(a("--train-compile")),
         curriculum=parse_curriculum(str(a("--curriculum") or "")),
         peak_flops=float(a("--peak-flops")),
+        memory_levels=tuple(int(x) for x in str(a("--memory-levels") or "").split(",") if x),
+        merge_group=int(a("--merge-group")),
+        state_drop=float(a("--state-drop")),
     )
     trainer = TrainerConfig(
         consumer=str(a("--consumer")),

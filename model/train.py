@@ -29,7 +29,7 @@ from torch.utils.checkpoint import checkpoint
 from model.codec import EOS, PAD, encode
 from model.distributed import Dist
 from model.lm import ByteLM
-from model.segments import run_segments
+from model.segments import Hierarchy, run_segments
 
 K = TypeVar("K")
 Batch = Tensor | tuple[Tensor, Tensor]  # (B, T + 1) ids, or ids and their answer mask
@@ -55,6 +55,9 @@ class TrainConfig:
     curriculum: tuple[tuple[float, int, int], ...] = ()  # (from step fraction, seq_len, segments)
     peak_flops: float = 800e12  # one device's peak bf16 FLOP/s for MFU (H100: about 800e12 here)
     answer_weight: float = 1.0  # loss weight of answer bytes, in batches given with answer masks
+    memory_levels: tuple[int, ...] = ()  # level capacities to consolidate through (): one level
+    merge_group: int = 0  # slots a full level merges at once (0: 4 * mem_slots), as MemoryConfig
+    state_drop: float = 0.0  # chance a row's recurrent state is zeroed at a segment boundary
 
     def __post_init__(self) -> None:
         fracs = [f for f, _, _ in self.curriculum]
@@ -66,6 +69,12 @@ class TrainConfig:
             raise ValueError(f"compile {self.compile!r}: auto, off or blocks")
         if self.answer_weight < 0:
             raise ValueError(f"answer_weight {self.answer_weight}: want >= 0")
+        if not 0 <= self.state_drop < 1:
+            raise ValueError(f"state_drop {self.state_drop}: want [0, 1)")
+
+    @property
+    def hierarchy(self) -> Hierarchy | None:
+        return Hierarchy(self.memory_levels, self.merge_group) if self.memory_levels else None
 
 
 # ----- the curriculum -----
@@ -222,14 +231,22 @@ def make_optimizer(model: ByteLM, cfg: TrainConfig) -> torch.optim.AdamW:
 
 
 def sequence_loss(
-    model: ByteLM, batch: Tensor, segments: int, lag: int, weight: Tensor | None = None
+    model: ByteLM,
+    batch: Tensor,
+    segments: int,
+    lag: int,
+    weight: Tensor | None = None,
+    hierarchy: Hierarchy | None = None,
+    drop: Tensor | None = None,
 ) -> Tensor:
     """Mean next-byte cross entropy of batch (B, T + 1); PAD targets carry none. segments > 1
-    trains through memory (run_segments, with `lag` segments before slots are readable).
-    weight (B, T), one per target: the weighted mean instead."""
+    trains through memory (run_segments, with `lag` segments before slots are readable, the
+    `hierarchy`'s merges and the state dropped where `drop` says). weight (B, T), one per
+    target: the weighted mean instead."""
     x, y = batch[:, :-1], batch[:, 1:]
     if segments > 1:
-        logits = run_segments(model, x, segment_len=max(1, x.shape[1] // segments), lag=lag)
+        S = max(1, x.shape[1] // segments)
+        logits = run_segments(model, x, segment_len=S, lag=lag, hierarchy=hierarchy, drop=drop)
     else:
         logits = model(x)
     flat = logits.reshape(-1, logits.shape[-1]).float()
@@ -247,23 +264,24 @@ def answer_weights(answers: Tensor, weight: float) -> Tensor:
     return 1 + (weight - 1) * answers[:, 1:].float()
 
 
-def loss_on(model: ByteLM, batch: Tensor, cfg: TrainConfig, rng: random.Random) -> Tensor:
-    lag = rng.randint(0, 1) if cfg.segments > 1 else 0
-    return sequence_loss(model, batch, cfg.segments, lag)
-
-
 class Objective(nn.Module):
     """The loss as one module call: DDP all-reduces the gradients of what its wrapper computes,
     so every forward of a step (run_segments' compressions included) goes through here."""
 
-    def __init__(self, model: ByteLM) -> None:
+    def __init__(self, model: ByteLM, hierarchy: Hierarchy | None = None) -> None:
         super().__init__()
         self.model = model
+        self.hierarchy = hierarchy
 
     def forward(
-        self, batch: Tensor, segments: int, lag: int, weight: Tensor | None = None
+        self,
+        batch: Tensor,
+        segments: int,
+        lag: int,
+        weight: Tensor | None = None,
+        drop: Tensor | None = None,
     ) -> Tensor:
-        return sequence_loss(self.model, batch, segments, lag, weight)
+        return sequence_loss(self.model, batch, segments, lag, weight, self.hierarchy, drop)
 
 
 def compile_blocks(model: ByteLM, backend: str = "inductor") -> Callable[[], None]:
@@ -340,7 +358,9 @@ class TrainLoop:
         self._undo = enable_grad_checkpointing(model) if cfg.grad_checkpoint else None
         compiled = cfg.compile == "blocks" or (cfg.compile == "auto" and self.device.type == "cuda")
         self._uncompile = compile_blocks(model) if compiled else None
-        self.objective = self.dist.wrap(Objective(model))
+        if cfg.hierarchy is not None:
+            cfg.hierarchy.check(model.config.mem_slots, model.config.mem_levels)
+        self.objective = self.dist.wrap(Objective(model, cfg.hierarchy))
         embed = model.embed.weight.numel()
         self.flops_per_byte = 6 * (model.num_parameters() - embed)  # 6N: forward and backward
 
@@ -365,11 +385,12 @@ class TrainLoop:
             if weight is not None:
                 weight = answer_weights(weight, self.cfg.answer_weight).to(self.device)
             lag = self.rng.randint(0, 1) if segs > 1 else 0
+            drop = self._drops(segs, batch.shape[0])
             skip_sync = ddp and i < len(micro) - 1  # all-reduce once, on the last micro-batch
             with self.objective.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     batch_d = batch.to(self.device, non_blocking=True)
-                    loss = self.objective(batch_d, segs, lag, weight)
+                    loss = self.objective(batch_d, segs, lag, weight, drop)
                     loss = loss / len(micro)
                 loss.backward()
             total += loss.detach()
@@ -379,6 +400,15 @@ class TrainLoop:
         self.opt.zero_grad(set_to_none=True)
         self.step += 1
         return float(total.item())  # sync: once per optimizer step
+
+    def _drops(self, segments: int, rows: int) -> Tensor | None:
+        """(segments - 1, rows) bool: where a row's state is zeroed (cfg.state_drop), drawn from
+        the loop's generator (the same on every rank; nothing drawn when state_drop is 0)."""
+        if self.cfg.state_drop <= 0 or segments < 2:
+            return None
+        g = torch.Generator().manual_seed(self.rng.getrandbits(63))
+        drop = torch.rand(segments - 1, rows, generator=g) < self.cfg.state_drop
+        return drop.to(self.device)
 
     def mfu(self, bytes_per_s: float) -> float:
         """Model FLOPs (6 N per byte) over the devices' peak; 0 off the GPU."""
