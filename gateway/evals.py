@@ -31,9 +31,11 @@ import torch
 from engine import Busy, Delta, Done, Engine, EngineConfig, SamplingParams, Session
 from gateway.natsd import NatsServer, NatsServerError
 from gateway.persistence import MemoryPlugin
+from memory.config import MemoryConfig
+from memory.store import SessionMemory
 from model import ByteLM, ModelConfig
 from model.config import PRESETS
-from model.evals.args import task_args
+from model.evals.args import memory_levels, task_args
 from model.evals.tasks import TASKS, Case, parse_size
 
 PIECE = 256 << 10  # bytes per submit: a 16 MB prompt is never copied whole into the inbox
@@ -73,6 +75,8 @@ class Report:
     cells: list[Cell]
     consolidation: dict[str, int] = field(default_factory=dict)  # totals over the run
     task_args: dict[str, Any] = field(default_factory=dict)  # generator keywords (mqar's pairs)
+    memory_levels: list[int] = field(default_factory=list)  # level capacities (memory on)
+    merge_group: int = 0  # slots a full level merged at once (memory on)
 
     def to_json(self) -> dict[str, Any]:
         out = asdict(self)
@@ -242,6 +246,7 @@ async def evaluate(
     workers: int = 2,
     settle_s: float = 60.0,
     model_name: str = "",
+    memory_config: MemoryConfig | None = None,
     **task_args: Any,
 ) -> Report:
     """Every (length, depth) cell over n seeded cases, one session at a time. With nats_url the
@@ -253,7 +258,8 @@ async def evaluate(
             cells = await _sweep(engine, None, task, lengths, depths, n, seed, 0.0, task_args)
         return Report(task, model_name, False, 0, state, cells, task_args=task_args)
     with tempfile.TemporaryDirectory(prefix="bwr-eval-") as data_dir:
-        plugin = MemoryPlugin(nats_url, model, workers=workers, data_dir=data_dir, ingest=False)
+        mc = memory_config or MemoryConfig()
+        plugin = MemoryPlugin(nats_url, model, mc, workers=workers, data_dir=data_dir, ingest=False)
         try:
             hooks = await plugin.connect()
             cfg = EngineConfig(
@@ -280,7 +286,10 @@ async def evaluate(
         "versions_installed": engine.metrics.memory_installs,
         "jobs_failed": plugin.service.stats.failed,
     }
-    return Report(task, model_name, True, plugin.capacity, state, cells, totals, task_args)
+    levels, group = list(mc.level_capacities), mc.group_for(model.config.mem_slots)
+    return Report(
+        task, model_name, True, plugin.capacity, state, cells, totals, task_args, levels, group
+    )
 
 
 # ----- output -----
@@ -322,12 +331,23 @@ def load_model(name: str, device: str, seed: int = 0) -> ByteLM:
 def run(args: argparse.Namespace) -> int:
     try:
         extra = task_args(args)
+        caps = memory_levels(args)
+        memory_config = (
+            MemoryConfig(level_capacities=caps, merge_group=args.merge_group)
+            if caps
+            else MemoryConfig(merge_group=args.merge_group)
+        )
     except ValueError as e:
         print(f"bwr eval: {e}", file=sys.stderr)
         return 2
     lengths = [parse_size(x) for x in args.lengths.split(",") if x]
     depths = [float(x) for x in args.depths.split(",") if x]
     model = load_model(args.model, args.device, args.seed)
+    try:
+        SessionMemory.for_model(model.config, memory_config)  # the hierarchy fits the model
+    except ValueError as e:
+        print(f"bwr eval: --memory-levels/--merge-group: {e}", file=sys.stderr)
+        return 2
     logging.basicConfig(level=logging.WARNING, stream=sys.stderr)
     opts = "".join(f"  {k} {v}" for k, v in extra.items())
     print(f"task {args.task}{opts}  model {args.model}  n {args.n}  device {args.device}")
@@ -346,6 +366,7 @@ def run(args: argparse.Namespace) -> int:
                 workers=args.memory_workers,
                 settle_s=args.settle,
                 model_name=args.model,
+                memory_config=memory_config,
                 **extra,
             )
         )
@@ -372,7 +393,10 @@ def run(args: argparse.Namespace) -> int:
     print(table(report, depths))
     print(f"state per session: {report.state_bytes_per_session:,} B (constant in the length)")
     if report.memory:
-        print(f"memory: capacity {report.memory_capacity} slots; {report.consolidation}")
+        print(
+            f"memory: capacity {report.memory_capacity} slots, levels {report.memory_levels}"
+            f" merging {report.merge_group}; {report.consolidation}"
+        )
     if args.json:
         Path(args.json).parent.mkdir(parents=True, exist_ok=True)
         with open(args.json, "w") as f:

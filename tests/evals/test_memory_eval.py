@@ -83,3 +83,31 @@ def test_mqar_pairs_and_queries_reach_the_generator(
     assert data["task_args"] == {} and data["cells"][0]["turns"] == 8  # 4 queries a case
     assert main(["eval", "passkey", "--pairs", "2", "--no-memory"]) == 2
     assert main([*args, "--pairs", "0", "--no-memory"]) == 2
+
+
+async def test_a_given_hierarchy_bounds_the_memory_read(
+    nats_server: NatsServer, tiny_model: ByteLM
+) -> None:
+    """--memory-levels: the workers consolidate through these capacities (a checkpoint trained
+    through them is read the same way), and the JSON says which."""
+    from memory.config import MemoryConfig
+
+    small = MemoryConfig(level_capacities=(8, 8, 8), merge_group=8)
+    report = await evaluate(
+        tiny_model, "passkey", [1280], [0.5], 1, nats_url=nats_server.url, memory_config=small
+    )
+    (cell,) = report.cells
+    assert cell.segments == (1280 - 39) // 128 and cell.settle_timeouts == 0
+    assert 0 < cell.memory_slots_max <= 24 < 4 * cell.segments  # merged, not one slot group each
+    data = report.to_json()
+    assert data["memory_levels"] == [8, 8, 8] and data["merge_group"] == 8
+
+
+def test_bad_hierarchies_are_refused_before_anything_runs(
+    capsys: pytest.CaptureFixture[str],
+) -> None:
+    args = ["eval", "passkey", "--model", "tiny", "--lengths", "256", "--n", "1"]
+    assert main([*args, "--memory-levels", "8,8,x"]) == 2
+    assert main([*args, "--memory-levels", "8,8,6", "--merge-group", "8"]) == 2
+    assert main([*args, "--memory-levels", "8,8,8,8,8"]) == 2  # tiny embeds four levels
+    assert "--memory-levels" in capsys.readouterr().err
