@@ -30,6 +30,13 @@ State = dict[str, Tensor]
 # then matmuls; backward two matmuls) or "triangular" (torch.linalg.solve_triangular, the former
 # path, kept to compare the two in one process).
 SOLVE = "inverse"
+# How the chunked form carries the state across chunks: "scan" (_StateScan: the state update as
+# S M + K, one matmul a chunk each way, the rest batched over chunks) or "loop" (the former
+# per-chunk loop of matmuls under autograd, kept to compare the two in one process).
+CHUNKS = "scan"
+# How the solve inverts: "doubling" (unit_lower_inverse from 1 x 1 blocks, in place) or
+# "substitute" (the former: substitution over 16-row blocks, then rounds joined by torch.cat).
+INVERSE = "doubling"
 
 
 def delta_rule_recurrent(
@@ -71,10 +78,10 @@ def delta_rule_chunked(
 def _chunked(
     q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor | None, chunk: int
 ) -> tuple[Tensor, Tensor]:
+    if CHUNKS == "loop":
+        return _chunked_loop(q, k, v, log_a, b, S, chunk)
     B, H, T, dk = k.shape
     dv = v.shape[-1]
-    if S is None:
-        S = k.new_zeros(B, H, dv, dk)
     pad = (-T) % chunk
     if pad:  # padding writes nothing (b = 0) and keeps the state (a = 1)
         q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
@@ -83,28 +90,76 @@ def _chunked(
     q, k, v = (x.reshape(B, H, n, chunk, -1) for x in (q, k, v))  # (B, H, n, C, d)
     log_a, b = log_a.reshape(B, H, n, chunk), b.reshape(B, H, n, chunk)
     lg = log_a.cumsum(-1)  # log gamma_i within the chunk, (B, H, n, C)
-    diff = lg.unsqueeze(-1) - lg.unsqueeze(-2)  # log(gamma_i / gamma_j), (B, H, n, C, C)
-    strict = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril(-1)
     incl = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
-    decay_strict = torch.where(strict, diff, float("-inf")).exp()
-    decay_incl = torch.where(incl, diff, float("-inf")).exp()
-    # (I + A) W = b V - b gamma K S0^T, A_ij = b_i gamma_i / gamma_j (k_i . k_j) for j < i.
-    A = b.unsqueeze(-1) * decay_strict * (k @ k.transpose(-1, -2))
+    # gamma_i / gamma_j for j <= i, else 0, (B, H, n, C, C)
+    decay = torch.where(incl, lg.unsqueeze(-1) - lg.unsqueeze(-2), float("-inf")).exp()
+    # (I + A) W = b V - b gamma K S0^T, A_ij = b_i gamma_i / gamma_j (k_i . k_j) for j < i (the
+    # solve reads nothing on or above the diagonal, so the decay there may be anything).
+    A = (b.unsqueeze(-1) * decay) * (k @ k.transpose(-1, -2))
     gamma = lg.exp()
-    # One solve for both right-hand sides (values and decayed keys).
-    rhs = torch.cat([b.unsqueeze(-1) * v, (b * gamma).unsqueeze(-1) * k], -1)
-    U, Wk = solve_unit_lower(A, rhs).split([dv, dk], -1)
-    P = (q @ k.transpose(-1, -2)) * decay_incl  # (B, H, n, C, C)
-    Qg = gamma.unsqueeze(-1) * q
-    to_end = (lg[..., -1:] - lg).exp().unsqueeze(-1) * k  # gamma_C / gamma_i * k_i
-    outs = []
-    for c in range(n):
-        St = S.transpose(-1, -2)  # (B, H, dk, dv)
-        W = U[:, :, c] - Wk[:, :, c] @ St  # (B, H, C, dv)
-        outs.append(Qg[:, :, c] @ St + P[:, :, c] @ W)
-        S = gamma[:, :, c, -1, None, None] * S + W.transpose(-1, -2) @ to_end[:, :, c]
-    o = torch.stack(outs, dim=2).reshape(B, H, n * chunk, dv)[:, :, :T]
-    return o, S
+    # One solve for both right-hand sides (values, decayed keys): UW = [U | Wk], (B, H, n, C, dv+dk)
+    UW = solve_unit_lower(A, b.unsqueeze(-1) * torch.cat([v, gamma.unsqueeze(-1) * k], -1))
+    # Within a chunk W = U - Wk S^T for the state S entering it, so
+    #   o = Qg S^T + P W = P U + (Qg - P Wk) S^T,
+    #   S' = gamma_C S + W^T K_end = S (gamma_C I - Wk^T K_end) + U^T K_end  (= S M + K),
+    # with K_end_i = gamma_C / gamma_i k_i: everything but S M + K batched over all chunks.
+    P = (q @ k.transpose(-1, -2)) * decay  # (B, H, n, C, C)
+    PU, PWk = (P @ UW).split([dv, dk], -1)
+    to_end = (lg[..., -1:] - lg).exp().unsqueeze(-1) * k  # (B, H, n, C, dk)
+    K, Wt = (UW.transpose(-1, -2) @ to_end).split([dv, dk], -2)  # U^T K_end, Wk^T K_end
+    eye = torch.eye(dk, device=k.device, dtype=k.dtype)
+    M = gamma[..., -1, None, None] * eye - Wt  # (B, H, n, dk, dk)
+    Sp, S = _StateScan.apply(S, M, K)  # Sp: the state entering each chunk, (B, H, n, dv, dk)
+    Qe = gamma.unsqueeze(-1) * q - PWk
+    o = torch.baddbmm(  # P U + (Qg - P Wk) Sp^T as (B H n) batched matrices
+        PU.flatten(0, 2), Qe.flatten(0, 2), Sp.flatten(0, 2).transpose(-1, -2)
+    ).reshape(B, H, n * chunk, dv)
+    return (o[:, :, :T] if pad else o), S
+
+
+class _StateScan(torch.autograd.Function):
+    """The states between chunks: S_{c+1} = S_c M_c + K_c from S_0 (B, H, dv, dk) or None (zeros),
+    M (B, H, n, dk, dk), K (B, H, n, dv, dk) -> S_0 .. S_{n-1} (B, H, n, dv, dk) and S_n
+    (B, H, dv, dk). Forward one in-place baddbmm a chunk into a buffer holding the K already;
+    backward likewise (R_c = dL/dS_{c+1}: R_{c-1} = g_c + R_c M_c^T), then one batched matmul for
+    dM = S_c^T R_c over all chunks, and dK = R. Once differentiable."""
+
+    @staticmethod
+    def forward(ctx, S0: Tensor | None, M: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
+        B, H, n, dv, dk = K.shape
+        Sp = K.new_empty(B, H, n, dv, dk)
+        S_end = K[:, :, -1].clone()
+        Sp[:, :, 1:] = K[:, :, :-1]
+        if S0 is None:
+            Sp[:, :, 0] = 0
+        else:
+            Sp[:, :, 0] = S0
+        for c in range(n):
+            nxt = Sp[:, :, c + 1] if c + 1 < n else S_end
+            nxt.flatten(0, 1).baddbmm_(Sp[:, :, c].flatten(0, 1), M[:, :, c].flatten(0, 1))
+        ctx.save_for_backward(Sp, M)
+        return Sp, S_end
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, g_Sp: Tensor, g_end: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:  # type: ignore[override]
+        Sp, M = ctx.saved_tensors
+        n = Sp.shape[2]
+        R = torch.empty_like(Sp)  # R[c] = dL/dS_{c+1}
+        R[:, :, -1] = g_end
+        R[:, :, :-1] = g_Sp[:, :, 1:]
+        Mt = M.transpose(-1, -2)
+        for c in range(n - 1, 0, -1):
+            R[:, :, c - 1].flatten(0, 1).baddbmm_(
+                R[:, :, c].flatten(0, 1), Mt[:, :, c].flatten(0, 1)
+            )
+        g_S0 = None
+        if ctx.needs_input_grad[0]:
+            g_S0 = torch.baddbmm(
+                g_Sp[:, :, 0].flatten(0, 1), R[:, :, 0].flatten(0, 1), Mt[:, :, 0].flatten(0, 1)
+            )
+            g_S0 = g_S0.unflatten(0, R.shape[:2])
+        return g_S0, Sp.transpose(-1, -2) @ R, R
 
 
 def solve_unit_lower(A: Tensor, rhs: Tensor) -> Tensor:
@@ -124,7 +179,7 @@ class _InverseSolve(torch.autograd.Function):
 
     @staticmethod
     def forward(ctx, A: Tensor, rhs: Tensor) -> Tensor:  # type: ignore[override]
-        X = unit_lower_inverse(A)
+        X = _inverse_by_cat(A) if INVERSE == "substitute" else unit_lower_inverse(A)
         U = X @ rhs
         ctx.save_for_backward(X, U)
         return U
@@ -137,34 +192,84 @@ class _InverseSolve(torch.autograd.Function):
         return -(g_rhs @ U.transpose(-1, -2)).tril(-1), g_rhs
 
 
-def unit_lower_inverse(A: Tensor, block: int = 16, split: bool | None = None) -> Tensor:
+def unit_lower_inverse(A: Tensor, block: int = 1, split: bool | None = None) -> Tensor:
     """(I + A)^-1 for A (..., C, C) strictly lower triangular (only the entries below the
     diagonal are read) -> (..., C, C), lower triangular with a unit diagonal. Any C.
 
-    The diagonal blocks of `block` rows are inverted by forward substitution (elementwise products
-    and sums, no matmul), then blocks pair up, doubling in size until C (C padded with identity to
-    block * 2^k): [[L11, 0], [L21, L22]] has the inverse [[X11, 0], [-X22 L21 X11, X22]]. No
-    power series of A, whose terms can be large where the inverse is not: each entry comes from
-    products of inverses, to float32 accuracy (2e-7 relative at worst on keys like the model's,
-    as torch.linalg.solve_triangular).
+    Blocks pair up, doubling in size from `block` rows until C (C padded with identity to
+    block * 2^k): [[L11, 0], [L21, L22]] has the inverse [[X11, 0], [-X22 L21 X11, X22]]. From
+    1 x 1 blocks (block 1, the default) that is log2(C) rounds; a larger block inverts its diagonal
+    blocks first by forward substitution (block - 1 steps). Each round writes its new blocks into
+    one preallocated inverse, in place; its products are broadcast products and sums for blocks up
+    to _BROADCAST rows (no copies of the strided blocks, exact float32 whatever TF32 says), matmuls
+    above. No power series of A, whose terms can be large where the inverse is not: each entry
+    comes from products of inverses, to float32 accuracy (2e-7 relative at worst on keys like the
+    model's, as torch.linalg.solve_triangular; from 1 x 1 blocks as from 16).
 
     Precision relied on: float32 products in the rounds between blocks. Where float32 matmuls run
     in TF32 (the trainer on a GPU) plain products -X22 L21 X11 would round their inputs to 10
     stored mantissa bits, and with the cancellation inside them (parallel keys, strong writes,
     slow decay) the inverse would be only 1e-3 relative good, two to four times one TF32 matmul's
     error, passed on to every later round. `split` (None: float32 on a GPU with
-    torch.backends.cuda.matmul.allow_tf32) computes them as split products (_split_product,
-    three times the work of these small products), which keeps the inverse within 1e-6 under
-    TF32; a solve with it (X @ rhs, one TF32 matmul) is then as good as any TF32 matmul.
-    tests/model/test_tril_inverse.py measures both with TF32 emulated."""
+    torch.backends.cuda.matmul.allow_tf32) computes the matmul rounds as split products
+    (_split_product, three times the work of these small products), which keeps the inverse
+    within 1e-6 under TF32; a solve with it (X @ rhs, one TF32 matmul) is then as good as any
+    TF32 matmul. tests/model/test_tril_inverse.py measures both with TF32 emulated."""
     C = A.shape[-1]
-    if block >= C:  # a single block
-        return _substitute(A)
     if split is None:
         split = A.is_cuda and A.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
     product = _split_product if split else torch.matmul
     size = block << ((C - 1) // block).bit_length()  # block * 2^k >= C
     if size != C:  # [[L, 0], [0, I]]: the inverse's top-left C x C is L^-1
+        A = F.pad(A, (0, size - C, 0, size - C))
+    X = torch.zeros_like(A)  # (..., size, size); grows by its blocks below the diagonal
+    if block == 1:
+        X.diagonal(dim1=-2, dim2=-1).fill_(1)
+    else:
+        _diag_blocks(X, block).copy_(_substitute(_diag_blocks(A, block)))
+    nA = -A
+    recording = torch.is_grad_enabled() and A.requires_grad
+    s = block
+    while s < size:
+        # Under autograd the products read a copy: what they save must not be written after.
+        V = _diag_blocks(X.clone() if recording else X, 2 * s)  # (..., size / 2s, 2s, 2s)
+        X11, X22 = V[..., :s, :s], V[..., s:, s:]
+        X21 = _diag_blocks(X, 2 * s)[..., s:, :s]  # a view into X, written below
+        nL21 = _diag_blocks(nA, 2 * s)[..., s:, :s]  # -L21
+        if s == 1:  # X11 = X22 = 1
+            X21.copy_(nL21)
+        elif s <= _BROADCAST:
+            XL = (X22.unsqueeze(-1) * nL21.unsqueeze(-3)).sum(-2)
+            _sum_into(X21, XL.unsqueeze(-1) * X11.unsqueeze(-3))
+        else:
+            X21.copy_(product(product(X22, nL21), X11))
+        s *= 2
+    return X[..., :C, :C]
+
+
+_BROADCAST = 8  # blocks up to this many rows multiply by broadcast products (see above)
+
+
+def _sum_into(dst: Tensor, x: Tensor) -> None:
+    """dst = x.sum(-2) for dst a strided view: by the sum itself (out=), or copied where autograd
+    records it (out= is not differentiable) or torch.compile traces it (a strided out= would
+    break the graph; the compiler fuses the sum and the copy)."""
+    if (torch.is_grad_enabled() and x.requires_grad) or torch.compiler.is_compiling():
+        dst.copy_(x.sum(-2))
+    else:
+        torch.sum(x, -2, out=dst)
+
+
+def _inverse_by_cat(A: Tensor, block: int = 16) -> Tensor:
+    """The former unit_lower_inverse (INVERSE = "substitute"), to compare in one process: forward
+    substitution over 16-row diagonal blocks, then rounds that assemble X with torch.cat."""
+    C = A.shape[-1]
+    if block >= C:  # a single block
+        return _substitute(A)
+    split = A.is_cuda and A.dtype == torch.float32 and torch.backends.cuda.matmul.allow_tf32
+    product = _split_product if split else torch.matmul
+    size = block << ((C - 1) // block).bit_length()  # block * 2^k >= C
+    if size != C:
         A = F.pad(A, (0, size - C, 0, size - C))
     X = _substitute(_diag_blocks(A, block))  # (..., size / s, s, s): inverses of diagonal blocks
     s = block
@@ -211,6 +316,46 @@ def _diag_blocks(M: Tensor, s: int) -> Tensor:
     m = M.shape[-1] // s
     blocks = M.unflatten(-1, (m, s)).unflatten(-3, (m, s))  # (..., m, s, m, s)
     return blocks.diagonal(dim1=-4, dim2=-2).movedim(-1, -3)
+
+
+def _chunked_loop(
+    q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor | None, chunk: int
+) -> tuple[Tensor, Tensor]:
+    """The former inter-chunk recurrence (CHUNKS = "loop"): a matmul loop over the chunks."""
+    B, H, T, dk = k.shape
+    dv = v.shape[-1]
+    if S is None:
+        S = k.new_zeros(B, H, dv, dk)
+    pad = (-T) % chunk
+    if pad:  # padding writes nothing (b = 0) and keeps the state (a = 1)
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        log_a, b = F.pad(log_a, (0, pad)), F.pad(b, (0, pad))
+    n = (T + pad) // chunk
+    q, k, v = (x.reshape(B, H, n, chunk, -1) for x in (q, k, v))  # (B, H, n, C, d)
+    log_a, b = log_a.reshape(B, H, n, chunk), b.reshape(B, H, n, chunk)
+    lg = log_a.cumsum(-1)  # log gamma_i within the chunk, (B, H, n, C)
+    diff = lg.unsqueeze(-1) - lg.unsqueeze(-2)  # log(gamma_i / gamma_j), (B, H, n, C, C)
+    strict = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril(-1)
+    incl = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
+    decay_strict = torch.where(strict, diff, float("-inf")).exp()
+    decay_incl = torch.where(incl, diff, float("-inf")).exp()
+    # (I + A) W = b V - b gamma K S0^T, A_ij = b_i gamma_i / gamma_j (k_i . k_j) for j < i.
+    A = b.unsqueeze(-1) * decay_strict * (k @ k.transpose(-1, -2))
+    gamma = lg.exp()
+    # One solve for both right-hand sides (values and decayed keys).
+    rhs = torch.cat([b.unsqueeze(-1) * v, (b * gamma).unsqueeze(-1) * k], -1)
+    U, Wk = solve_unit_lower(A, rhs).split([dv, dk], -1)
+    P = (q @ k.transpose(-1, -2)) * decay_incl  # (B, H, n, C, C)
+    Qg = gamma.unsqueeze(-1) * q
+    to_end = (lg[..., -1:] - lg).exp().unsqueeze(-1) * k  # gamma_C / gamma_i * k_i
+    outs = []
+    for c in range(n):
+        St = S.transpose(-1, -2)  # (B, H, dk, dv)
+        W = U[:, :, c] - Wk[:, :, c] @ St  # (B, H, C, dv)
+        outs.append(Qg[:, :, c] @ St + P[:, :, c] @ W)
+        S = gamma[:, :, c, -1, None, None] * S + W.transpose(-1, -2) @ to_end[:, :, c]
+    o = torch.stack(outs, dim=2).reshape(B, H, n * chunk, dv)[:, :, :T]
+    return o, S
 
 
 class DeltaMixer(nn.Module):

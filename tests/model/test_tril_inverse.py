@@ -4,12 +4,14 @@ On matrices drawn like the chunked form's A = b_i gamma_i / gamma_j (k_i . k_j) 
 (b in (0, 1), decays in (0, 1], L2-normalised keys, from independent to nearly parallel):
 
 (a) unit_lower_inverse equals torch.linalg.inv to float64 rounding in float64, and in float32 is
-    as close to the float64 inverse as torch.linalg.solve_triangular (any C, any block);
+    as close to the float64 inverse as torch.linalg.solve_triangular (any C, any block, from
+    1 x 1 blocks, the default, as from the former path's 16-row substitution);
 (b) under emulated TF32 matmuls (inputs cut to 10 stored mantissa bits) its split products keep
     it at float32 accuracy, where plain products lose about 1e-3;
 (c) solve_unit_lower and its backward agree with torch.linalg.solve_triangular, and pass
     gradcheck in float64, as does unit_lower_inverse itself;
-(d) delta_rule_chunked equals delta_rule_recurrent by either solve, outputs and gradients.
+(d) delta_rule_chunked equals delta_rule_recurrent by either solve, by the state scan and by the
+    former per-chunk loop, outputs and gradients; the scan passes gradcheck.
 """
 
 from __future__ import annotations
@@ -78,13 +80,17 @@ def inverse(A: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def solve(mode: str) -> Iterator[None]:
-    was = delta.SOLVE
-    delta.SOLVE = mode
+def solve(mode: str, **switches: str) -> Iterator[None]:
+    """model.delta's switches: SOLVE = mode, and any others (CHUNKS, INVERSE) as given."""
+    switches = {"SOLVE": mode, **switches}
+    was = {k: getattr(delta, k) for k in switches}
+    for k, v in switches.items():
+        setattr(delta, k, v)
     try:
         yield
     finally:
-        delta.SOLVE = was
+        for k, v in was.items():
+            setattr(delta, k, v)
 
 
 class TF32(TorchFunctionMode):
@@ -110,7 +116,7 @@ class TF32(TorchFunctionMode):
 
 
 @SETTINGS
-@given(case=systems(), block=st.sampled_from([4, 8, 16]))
+@given(case=systems(), block=st.sampled_from([1, 2, 4, 8, 16]))
 def test_inverse_matches_inv_and_is_as_accurate_as_the_triangular_solve(
     case: dict[str, Any], block: int
 ) -> None:
@@ -128,6 +134,27 @@ def test_inverse_matches_inv_and_is_as_accurate_as_the_triangular_solve(
         assert torch.equal(X.triu(1), torch.zeros_like(X))
         assert torch.equal(X.diagonal(dim1=-2, dim2=-1), torch.ones(A.shape[0], C))
         assert rel_error(X, ref) <= max(F32_TOL, 10 * rel_error(trsm, ref))
+
+
+@pytest.mark.parametrize("chunk", [1, 2, 3, 16, 24, 64, 100])
+def test_inverse_from_single_entries_matches_the_former_path(chunk: int) -> None:
+    """The default (doubling from 1 x 1 blocks, written in place) and the former path
+    (substitution over 16-row blocks, rounds joined by torch.cat) give the same inverse."""
+    A = strict_lower(chunk, 16, 3.0, 0.5, 0.9, seed=chunk)
+    assert rel_error(unit_lower_inverse(A), delta._inverse_by_cat(A)) <= 1e-13
+    A32 = A.float()
+    assert rel_error(unit_lower_inverse(A32), delta._inverse_by_cat(A32)) <= F32_TOL
+
+
+def test_inverse_writes_the_same_with_and_without_autograd() -> None:
+    """Rounds of broadcast products write their sums in place (out=) without autograd and copy
+    them in with it: the same numbers."""
+    A = strict_lower(64, 8, 1.0, 0.5, 0.9, seed=3)
+    with torch.no_grad():
+        plain = unit_lower_inverse(A)
+    recorded = unit_lower_inverse(A.clone().requires_grad_())
+    assert recorded.requires_grad
+    assert torch.equal(recorded.detach(), plain)
 
 
 def test_inverse_reads_only_below_the_diagonal() -> None:
@@ -186,7 +213,9 @@ def test_solve_gradcheck(chunk: int, mode: str) -> None:
         assert torch.autograd.gradcheck(solve_unit_lower, (A, rhs))
 
 
-@pytest.mark.parametrize(("chunk", "block"), [(1, 4), (4, 4), (7, 4), (13, 4), (24, 8)])
+@pytest.mark.parametrize(
+    ("chunk", "block"), [(1, 4), (4, 4), (7, 4), (13, 4), (24, 8), (1, 1), (6, 1), (19, 1)]
+)
 def test_inverse_gradcheck(chunk: int, block: int) -> None:
     """unit_lower_inverse is differentiable as it stands (the solve has its own backward)."""
     A = strict_lower(chunk, 4, 1.0, 0.5, 0.9, seed=chunk, batch=2).requires_grad_()
@@ -194,6 +223,29 @@ def test_inverse_gradcheck(chunk: int, block: int) -> None:
 
 
 # ----- (d) the chunked form -----
+
+PATHS = [  # SOLVE, CHUNKS, INVERSE: the defaults, the triangular solve, the former path
+    ("inverse", "scan", "doubling"),
+    ("triangular", "scan", "doubling"),
+    ("inverse", "loop", "substitute"),
+]
+
+
+@pytest.mark.parametrize("initial", [True, False])
+def test_state_scan_gradcheck(initial: bool) -> None:
+    gen = torch.Generator().manual_seed(0)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    B, H, n, dv, dk = 2, 3, 4, 3, 2
+    S0 = torch.randn(B, H, dv, dk, **f64).requires_grad_() if initial else None
+    M = (0.5 * torch.randn(B, H, n, dk, dk, **f64)).requires_grad_()
+    K = torch.randn(B, H, n, dv, dk, **f64).requires_grad_()
+    assert torch.autograd.gradcheck(delta._StateScan.apply, (S0, M, K))
+    Sp, S_end = delta._StateScan.apply(S0, M, K)
+    S = torch.zeros(B, H, dv, dk, dtype=torch.float64) if S0 is None else S0
+    for c in range(n):  # the recurrence it computes, one chunk at a time
+        assert torch.allclose(Sp[:, :, c], S, atol=1e-12)
+        S = S @ M[:, :, c] + K[:, :, c]
+    assert torch.allclose(S_end, S, atol=1e-12)
 
 
 @SETTINGS
@@ -219,8 +271,8 @@ def test_chunked_equals_recurrent_by_either_solve(
     inputs = [x.requires_grad_() for x in (q, k, v, log_a, b, S)]
     o_ref, S_ref = delta_rule_recurrent(q, k, v, log_a, b, S)
     grads_ref = torch.autograd.grad((o_ref.sum() + S_ref.square().sum()), inputs)
-    for mode in ("inverse", "triangular"):
-        with solve(mode):
+    for mode, chunks, inverse in PATHS:
+        with solve(mode, CHUNKS=chunks, INVERSE=inverse):
             # float32 inside (delta_rule_chunked casts), float64 reference
             o, S_end = delta_rule_chunked(q, k, v, log_a, b, S if state else None, chunk)
             assert (o - o_ref).abs().max() <= 1e-4
