@@ -106,16 +106,23 @@ def _train(args: argparse.Namespace) -> int:
 def _worker(args: argparse.Namespace) -> int:
     import logging
 
+    from memory.config import MemoryConfig, parse_levels
     from memory.service import run_worker_process
 
     logging.basicConfig(level=logging.INFO, format="%(asctime)s %(name)s: %(message)s")
     from model import ModelConfig
     from model.config import PRESETS
 
+    try:
+        config = MemoryConfig.hierarchy(parse_levels(args.memory_levels), args.merge_group)
+    except ValueError as e:
+        print(f"bwr worker: {e}", file=sys.stderr)
+        return 2
     model = ModelConfig.named(args.model) if args.model in PRESETS else args.model
     run_worker_process(
         args.nats_url,
         model,
+        config=config,
         workers=args.workers,
         device=_pick_device(args.device),
         data_dir=args.data_dir,
@@ -188,6 +195,8 @@ def build_parser() -> argparse.ArgumentParser:
     add_ingest_arguments(ing)
     ing.set_defaults(func=run_ingest)
 
+    from memory.config import add_hierarchy_arguments
+
     wk = sub.add_parser("worker", help="memory consolidation workers (scale-out process)")
     wk.add_argument("--nats-url", required=True)
     wk.add_argument("--model", default="tiny", help="checkpoint directory, or a named config")
@@ -196,6 +205,7 @@ def build_parser() -> argparse.ArgumentParser:
     wk.add_argument(
         "--data-dir", default=".data/worker", help="where checkpoints of model.updated land"
     )
+    add_hierarchy_arguments(wk)
     wk.set_defaults(func=_worker)
 
     bench = sub.add_parser("bench", help="benchmarks (print a table, write JSON)")
@@ -284,6 +294,7 @@ def build_parser() -> argparse.ArgumentParser:
         default=None,
         help="consolidation workers in this process (default 2, or 0 with --worker-processes)",
     )
+    add_hierarchy_arguments(upp)
     upp.add_argument(
         "--worker-processes",
         type=int,
@@ -334,6 +345,7 @@ def _api_keys(flag: list[str] | None) -> tuple[str, ...]:
 def _up(args: argparse.Namespace) -> int:
     from gateway.config import GatewayConfig
     from gateway.serve import up
+    from memory.config import parse_levels
 
     try:
         cfg = GatewayConfig(
@@ -353,6 +365,8 @@ def _up(args: argparse.Namespace) -> int:
                 else (0 if args.worker_processes else 2)
             ),
             worker_processes=args.worker_processes,
+            memory_levels=parse_levels(args.memory_levels),
+            merge_group=args.merge_group,
             train=args.train,
             train_every=args.train_every,
             train_args=tuple(args.train_arg),

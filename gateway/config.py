@@ -9,6 +9,8 @@ from __future__ import annotations
 import ipaddress
 from dataclasses import dataclass
 
+from memory.config import MemoryConfig
+
 LOOPBACK_NAMES = frozenset({"localhost", "ip6-localhost"})
 
 
@@ -57,6 +59,8 @@ class GatewayConfig:
     memory: bool = True  # with NATS: consolidate session memories, snapshot sessions, resume them
     memory_workers: int = 2  # consolidation workers in this process
     worker_processes: int = 0  # `bwr worker` processes `bwr up` starts (compression off the GIL)
+    memory_levels: tuple[int, ...] = ()  # level capacities of the hierarchy (): MemoryConfig's
+    merge_group: int = 0  # slots a full level merges at once (0: 4 * mem_slots)
     train: bool = False  # run the DOCS training consumer beside the engine (needs NATS)
     train_every: int = 50  # trainer steps between checkpoints (each one hot-reloaded)
     train_args: tuple[str, ...] = ()  # more `bwr train` flags for that trainer
@@ -89,6 +93,12 @@ class GatewayConfig:
             raise ValueError("stream_interval must be >= 1")
         if self.decode_dtype not in ("float32", "bfloat16"):
             raise ValueError("decode_dtype must be float32 or bfloat16")
+        self.memory_config  # noqa: B018 - raises on a malformed hierarchy
+
+    @property
+    def memory_config(self) -> MemoryConfig:
+        """The hierarchy the consolidation workers (in process and `bwr worker`) keep."""
+        return MemoryConfig.hierarchy(self.memory_levels, self.merge_group)
 
     @property
     def auth(self) -> bool:

@@ -31,11 +31,11 @@ import torch
 from engine import Busy, Delta, Done, Engine, EngineConfig, SamplingParams, Session
 from gateway.natsd import NatsServer, NatsServerError
 from gateway.persistence import MemoryPlugin
-from memory.config import MemoryConfig
+from memory.config import MemoryConfig, parse_levels
 from memory.store import SessionMemory
 from model import ByteLM, ModelConfig
 from model.config import PRESETS
-from model.evals.args import memory_levels, task_args
+from model.evals.args import task_args
 from model.evals.tasks import TASKS, Case, parse_size
 
 PIECE = 256 << 10  # bytes per submit: a 16 MB prompt is never copied whole into the inbox
@@ -331,12 +331,8 @@ def load_model(name: str, device: str, seed: int = 0) -> ByteLM:
 def run(args: argparse.Namespace) -> int:
     try:
         extra = task_args(args)
-        caps = memory_levels(args)
-        memory_config = (
-            MemoryConfig(level_capacities=caps, merge_group=args.merge_group)
-            if caps
-            else MemoryConfig(merge_group=args.merge_group)
-        )
+        levels = parse_levels(args.memory_levels)
+        memory_config = MemoryConfig.hierarchy(levels, args.merge_group)
     except ValueError as e:
         print(f"bwr eval: {e}", file=sys.stderr)
         return 2

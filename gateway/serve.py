@@ -262,6 +262,10 @@ def start_workers(cfg: GatewayConfig, model: str, device: str) -> list[subproces
             device,
             "--data-dir",
             str(data),
+            "--memory-levels",
+            ",".join(map(str, cfg.memory_levels)),
+            "--merge-group",
+            str(cfg.merge_group),
         ]
         log = open(data / "worker.log", "ab")  # noqa: SIM115 - the child owns it
         procs.append(subprocess.Popen(cmd, stdout=log, stderr=subprocess.STDOUT))
@@ -313,6 +317,14 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
         model, info, warning = resolve_model(model_spec, device)
         if warning:
             print(f"bwr up: WARNING: {warning}", file=sys.stderr, flush=True)
+        if cfg.memory:
+            from memory.store import SessionMemory
+
+            try:  # the hierarchy must fit the model before anything starts
+                SessionMemory.for_model(model.config, cfg.memory_config)
+            except ValueError as e:
+                print(f"bwr up: --memory-levels/--merge-group: {e}", file=sys.stderr, flush=True)
+                return 2
         if cfg.nats_url is None:
             nats = NatsServer(Path(cfg.data_dir) / "nats")
             try:
@@ -345,7 +357,11 @@ def up(cfg: GatewayConfig, model_spec: str | None, device: str, *, use_uvloop: b
             from gateway.persistence import MemoryPlugin
 
             plugin = MemoryPlugin(
-                cfg.nats_url, model, workers=cfg.memory_workers, data_dir=cfg.data_dir
+                cfg.nats_url,
+                model,
+                cfg.memory_config,
+                workers=cfg.memory_workers,
+                data_dir=cfg.data_dir,
             )
             hooks = Hooks(persistence=plugin)
             engine_config = replace(engine_config, memory_capacity=plugin.capacity)

@@ -1,11 +1,13 @@
 """MemoryConfig: the knobs of the memory hierarchy, the consolidation workers and the bus names.
 
 config.py owns numbers and names only: it never touches tensors or the network. Entry points
-build one from flags; nothing here reads the environment.
+build one from flags (the hierarchy's two are declared here, for every command that
+consolidates); nothing here reads the environment.
 """
 
 from __future__ import annotations
 
+import argparse
 from dataclasses import dataclass
 
 
@@ -60,6 +62,40 @@ class MemoryConfig:
         """The most slots a session's memory ever holds, whatever its context length."""
         return sum(self.level_capacities)
 
+    @classmethod
+    def hierarchy(cls, levels: tuple[int, ...] = (), merge_group: int = 0) -> MemoryConfig:
+        """A config with these level capacities (() keeps the default) and merge group."""
+        if not levels:
+            return cls(merge_group=merge_group)
+        return cls(level_capacities=levels, merge_group=merge_group)
+
     def group_for(self, mem_slots: int) -> int:
         """merge_group for a model that makes `mem_slots` slots per compression."""
         return self.merge_group or 4 * mem_slots
+
+
+def parse_levels(text: str) -> tuple[int, ...]:
+    """--memory-levels ('16,16,16') -> capacities, level 1 first; '' -> () (the default).
+    ValueError, naming the flag, on anything else."""
+    try:
+        caps = tuple(int(x) for x in text.split(",") if x.strip())
+    except ValueError:
+        raise ValueError(f"--memory-levels {text!r}: want capacities like 16,16,16") from None
+    if caps and min(caps) < 1:
+        raise ValueError(f"--memory-levels {text!r}: every capacity >= 1")
+    return caps
+
+
+def add_hierarchy_arguments(p: argparse.ArgumentParser) -> None:
+    """--memory-levels and --merge-group (`MemoryConfig.hierarchy` reads them), for the commands
+    that consolidate: `bwr up`, `bwr worker`, `bwr eval`."""
+    p.add_argument(
+        "--memory-levels",
+        default="",
+        help="level capacities of the memory hierarchy, level 1 first, e.g. 16,16,16 (default"
+        " 64,64,64); a checkpoint trained with `bwr train --memory-levels` is read best through"
+        " the same",
+    )
+    p.add_argument(
+        "--merge-group", type=int, default=0, help="slots a full level merges at once (0: 4m)"
+    )

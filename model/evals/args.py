@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import argparse
 
+from memory.config import add_hierarchy_arguments
 from model.evals.tasks import TASKS
 
 
@@ -26,32 +27,13 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     )
     p.add_argument("--nats-url", default=None, help="use this NATS server instead of starting one")
     p.add_argument("--memory-workers", type=int, default=2, help="consolidation workers")
-    p.add_argument(
-        "--memory-levels",
-        default="",
-        help="level capacities of the hierarchy, e.g. 8,8,8 (default: MemoryConfig's); give the"
-        " ones a checkpoint was trained through (bwr train --memory-levels)",
-    )
-    p.add_argument("--merge-group", type=int, default=0, help="slots a full level merges (0: 4m)")
+    add_hierarchy_arguments(p)
     p.add_argument(
         "--settle",
         type=float,
         default=60.0,
         help="seconds to wait for consolidation before each case's question",
     )
-
-
-def memory_levels(args: argparse.Namespace) -> tuple[int, ...]:
-    """--memory-levels as capacities (() when not given); ValueError on a malformed list."""
-    try:
-        caps = tuple(int(x) for x in args.memory_levels.split(",") if x.strip())
-    except ValueError:
-        raise ValueError(
-            f"--memory-levels {args.memory_levels!r}: want numbers like 8,8,8"
-        ) from None
-    if any(c < 1 for c in caps):
-        raise ValueError(f"--memory-levels {args.memory_levels!r}: every capacity >= 1")
-    return caps
 
 
 def task_args(args: argparse.Namespace) -> dict[str, int]:
