@@ -2,35 +2,41 @@
 
 Builds one `DeltaMixer` of a config (`base`: D 768, 12 heads of 64, chunk 64) and runs forward +
 backward on random float32 inputs on the CPU (batch 2, T 1024; the state out of the last byte is
-kept, as segmented training keeps it, and gets a gradient too), under `torch.profiler`, for each
-variant of model.delta's switches (`legacy`: the code before the op cuts, `current`: the
-defaults, and each switch alone). Two scopes: `mixer` (the whole DeltaMixer: projections, conv,
-norm, gate) and `chunked` (delta_rule_chunked alone, on leaf q, k, v, log a, b).
+kept, as segmented training keeps it, and gets a gradient too) under `torch.profiler`, for each
+variant of model.delta's switches: `legacy` (CHUNKS "loop", INVERSE "substitute": the code before
+the op cuts, as it was), `current` (the defaults), and each former piece alone. Two scopes:
+`mixer` (the whole DeltaMixer: projections, conv, norm, gate) and `chunked` (delta_rule_chunked
+alone, on leaf q, k, v, log a, b).
 
-What is counted. An op is an `aten::` event that is not metadata only and holds no other op
-(so `matmul` counts as its `bmm`, `stack` as its `cat`, `contiguous` as its `copy_`); a
-matmul op counts once, with nothing it runs inside it (on the CPU a strided `baddbmm_` runs one
-`addmm_` per matrix; a GPU runs one kernel). Metadata
-only: views
+What is counted (eager). An op is an `aten::` event that is not metadata only and holds no other
+op (so `matmul` counts as its `bmm`, `stack` as its `cat`, `contiguous` as its `copy_`); a matmul
+or a sum counts once, with nothing it runs inside it (on the CPU a strided `baddbmm_` runs one
+`addmm_` per matrix and a sum starts with a `fill_`; a GPU runs one kernel). Metadata only: views
 (view, reshape, transpose, select, slice, expand, as_strided, ...) and allocations without a fill
-(empty, empty_like, empty_strided) launch nothing and are left out; so is a `copy_` into a 0-dim
-tensor (a Python scalar wrapped for an op: no kernel on a GPU). Each op is about one kernel
-launch on a GPU. matmuls: ops named mm, bmm, addmm, baddbmm, addbmm and the in-place ones
-(under matmul, linear,
-einsum, and the backward formulas). copies: copy_ (clone, contiguous, reshape of a strided view,
-pad, to) and cat (cat, stack); `copy_MB` is the bytes they write, from the destination's shape
-(copy_) or the memory the op allocates (cat), at 4 bytes an element for copy_ (everything here is
-float32). ms: CPU wall time of forward + backward without the profiler, median of --repeat runs
-after one warm-up, on --threads threads (1 by default, for stable numbers).
+(empty, empty_like, new_empty, ...); left out too, a `copy_` into a 0-dim tensor (a Python scalar
+wrapped for an op: no kernel on a GPU). Each op is about one kernel launch on a GPU.
+- matmuls: mm, bmm, addmm, baddbmm, addbmm and the in-place ones (under matmul, linear, einsum,
+  the backward formulas);
+- copies: copy_ (clone, contiguous, reshape of a strided view, pad, to, writes into slices) and
+  cat (cat, stack); copy_MB: the bytes they write, from the destination's shape for copy_ (at 4
+  bytes an element: everything here is float32), the memory the op allocates for cat;
+- ms: CPU wall time of forward + backward without the profiler, median of --repeat runs after one
+  warm-up, on --threads threads (1 by default, for stable numbers).
+With --compiled (slow: a minute or two a row), the step compiled by inductor as the trainer
+compiles its blocks (on this CPU), counted from the generated code: c_fused (fused kernels),
+c_extern (extern kernels: the matmuls), c_library (library and fallback ops; each bwr::state_scan
+call runs n + 3 kernels of its own, its backward n + 4, for n chunks).
 
-JSON (--json): {"config", "batch", "T", "threads", "torch", "rows": [{"variant", "scope",
-"ops", "matmuls", "copies", "copy_MB", "ms", "top": {op name: count, the ten most frequent}}]}.
+JSON (--json): {"config", "batch", "T", "threads", "torch", "rows": [{"variant", "scope", "ops",
+"matmuls", "copies", "copy_MB", "ms", "top": {op: count, the ten most frequent}, and with
+--compiled "c_fused", "c_extern", "c_library"}]}.
 """
 
 from __future__ import annotations
 
 import argparse
 import json
+import re
 import statistics
 import time
 from collections import Counter
@@ -130,6 +136,32 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+def compiled(fn: Callable[[], None]) -> dict[str, int]:
+    """Compiles fn (inductor, as the trainer compiles its blocks; on the CPU here) and counts the
+    calls in the generated wrappers of forward and backward: fused kernels, extern kernels
+    (matmuls) and library ops (bwr::state_scan and its backward run n + 3 and n + 4 kernels of
+    their own; aten fallbacks such as cumsum)."""
+    import torch._dynamo
+    from torch._inductor.utils import run_and_get_code
+
+    torch._dynamo.reset()
+    _, codes = run_and_get_code(torch.compile(fn))
+    counts = {"fused": 0, "extern": 0, "library": 0}
+    for code in codes:
+        for line in code[code.index("def call(") :].splitlines():
+            call = CALL.match(line)
+            if call:
+                kind = call.group(1)
+                counts["extern" if kind.startswith("extern") else
+                       "library" if kind.startswith("torch.ops") else "fused"] += 1  # fmt: skip
+    return counts
+
+
+CALL = re.compile(
+    r"\s*(?:\w+ = )?(cpp_fused_\w+|triton_\w+|extern_kernels\.\w+|torch\.ops\.\w+\.\w+)[.(]"
+)
+
+
 def wall_ms(fn: Callable[[], None], repeat: int) -> float:
     fn()
     times = []
@@ -175,6 +207,7 @@ def main() -> None:
     ap.add_argument("--repeat", type=int, default=5)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--json", default=None)
+    ap.add_argument("--compiled", action="store_true", help="also count compiled launches")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     cfg = ModelConfig.named(args.config)
@@ -185,8 +218,12 @@ def main() -> None:
             for scope in args.scopes.split(","):
                 row = dict(variant=variant, scope=scope, **count(fns[scope]))
                 row["ms"] = round(wall_ms(fns[scope], args.repeat), 1)
+                if args.compiled:
+                    row |= {f"c_{k}": n for k, n in compiled(fns[scope]).items()}
                 rows.append(row)
     cols = ["variant", "scope", "ops", "matmuls", "copies", "copy_MB", "ms"]
+    if args.compiled:
+        cols += ["c_fused", "c_extern", "c_library"]
     print(f"{args.config}: batch {args.batch}, T {args.T}, {args.threads} thread(s)")
     print("  ".join(f"{c:>10}" for c in cols))
     for row in rows:

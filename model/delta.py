@@ -30,8 +30,8 @@ State = dict[str, Tensor]
 # then matmuls; backward two matmuls) or "triangular" (torch.linalg.solve_triangular, the former
 # path, kept to compare the two in one process).
 SOLVE = "inverse"
-# How the chunked form carries the state across chunks: "scan" (_StateScan: the state update as
-# S M + K, one matmul a chunk each way, the rest batched over chunks) or "loop" (the former
+# How the chunked form carries the state across chunks: "scan" (state_scan: the state update as
+# g S - S W + K, one matmul a chunk each way, the rest batched over chunks) or "loop" (the former
 # per-chunk loop of matmuls under autograd, kept to compare the two in one process).
 CHUNKS = "scan"
 # How the solve inverts: "doubling" (unit_lower_inverse from 1 x 1 blocks, in place) or
@@ -93,23 +93,24 @@ def _chunked(
     incl = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
     # gamma_i / gamma_j for j <= i, else 0, (B, H, n, C, C)
     decay = torch.where(incl, lg.unsqueeze(-1) - lg.unsqueeze(-2), float("-inf")).exp()
+    # P = (Q K^T) * decay and (K K^T) * decay by one matmul, (B, H, n, C, C) each.
+    QK = (torch.cat([q, k], -2) @ k.transpose(-1, -2)).unflatten(-2, (2, chunk))
+    P, KK = (QK * decay.unsqueeze(-3)).unbind(-3)
     # (I + A) W = b V - b gamma K S0^T, A_ij = b_i gamma_i / gamma_j (k_i . k_j) for j < i (the
     # solve reads nothing on or above the diagonal, so the decay there may be anything).
-    A = (b.unsqueeze(-1) * decay) * (k @ k.transpose(-1, -2))
+    A = b.unsqueeze(-1) * KK
     gamma = lg.exp()
     # One solve for both right-hand sides (values, decayed keys): UW = [U | Wk], (B, H, n, C, dv+dk)
     UW = solve_unit_lower(A, b.unsqueeze(-1) * torch.cat([v, gamma.unsqueeze(-1) * k], -1))
     # Within a chunk W = U - Wk S^T for the state S entering it, so
     #   o = Qg S^T + P W = P U + (Qg - P Wk) S^T,
-    #   S' = gamma_C S + W^T K_end = S (gamma_C I - Wk^T K_end) + U^T K_end  (= S M + K),
-    # with K_end_i = gamma_C / gamma_i k_i: everything but S M + K batched over all chunks.
-    P = (q @ k.transpose(-1, -2)) * decay  # (B, H, n, C, C)
+    #   S' = gamma_C S + W^T K_end = gamma_C S - S Wk^T K_end + U^T K_end,
+    # with K_end_i = gamma_C / gamma_i k_i: everything but the last line's S terms batched over
+    # all chunks.
     PU, PWk = (P @ UW).split([dv, dk], -1)
     to_end = (lg[..., -1:] - lg).exp().unsqueeze(-1) * k  # (B, H, n, C, dk)
     K, Wt = (UW.transpose(-1, -2) @ to_end).split([dv, dk], -2)  # U^T K_end, Wk^T K_end
-    eye = torch.eye(dk, device=k.device, dtype=k.dtype)
-    M = gamma[..., -1, None, None] * eye - Wt  # (B, H, n, dk, dk)
-    Sp, S = _StateScan.apply(S, M, K)  # Sp: the state entering each chunk, (B, H, n, dv, dk)
+    Sp, S = state_scan(S, gamma[..., -1], Wt, K)  # Sp: the state entering each chunk
     Qe = gamma.unsqueeze(-1) * q - PWk
     o = torch.baddbmm(  # P U + (Qg - P Wk) Sp^T as (B H n) batched matrices
         PU.flatten(0, 2), Qe.flatten(0, 2), Sp.flatten(0, 2).transpose(-1, -2)
@@ -117,49 +118,98 @@ def _chunked(
     return (o[:, :, :T] if pad else o), S
 
 
-class _StateScan(torch.autograd.Function):
-    """The states between chunks: S_{c+1} = S_c M_c + K_c from S_0 (B, H, dv, dk) or None (zeros),
-    M (B, H, n, dk, dk), K (B, H, n, dv, dk) -> S_0 .. S_{n-1} (B, H, n, dv, dk) and S_n
-    (B, H, dv, dk). Forward one in-place baddbmm a chunk into a buffer holding the K already;
-    backward likewise (R_c = dL/dS_{c+1}: R_{c-1} = g_c + R_c M_c^T), then one batched matmul for
-    dM = S_c^T R_c over all chunks, and dK = R. Once differentiable."""
+@torch.library.custom_op("bwr::state_scan", mutates_args=())
+def state_scan(S0: Tensor | None, g: Tensor, W: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
+    """The states between chunks: S_{c+1} = g_c S_c - S_c W_c + K_c from S_0 (B, H, dv, dk) or
+    None (zeros), g (B, H, n), W (B, H, n, dk, dk), K (B, H, n, dv, dk) -> S_0 .. S_{n-1}
+    (B, H, n, dv, dk) and S_n (B, H, dv, dk). A library op, opaque to torch.compile (traced, its
+    in-place writes would become a matmul, a copy of its bias and a copy into the buffer); the
+    work is _scan's."""
+    return _scan(S0, g, W, K)
 
-    @staticmethod
-    def forward(ctx, S0: Tensor | None, M: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:  # type: ignore[override]
-        B, H, n, dv, dk = K.shape
-        Sp = K.new_empty(B, H, n, dv, dk)
-        S_end = K[:, :, -1].clone()
-        Sp[:, :, 1:] = K[:, :, :-1]
-        if S0 is None:
-            Sp[:, :, 0] = 0
-        else:
-            Sp[:, :, 0] = S0
-        for c in range(n):
-            nxt = Sp[:, :, c + 1] if c + 1 < n else S_end
-            nxt.flatten(0, 1).baddbmm_(Sp[:, :, c].flatten(0, 1), M[:, :, c].flatten(0, 1))
-        ctx.save_for_backward(Sp, M)
-        return Sp, S_end
 
-    @staticmethod
-    @once_differentiable
-    def backward(ctx, g_Sp: Tensor, g_end: Tensor) -> tuple[Tensor | None, Tensor, Tensor]:  # type: ignore[override]
-        Sp, M = ctx.saved_tensors
-        n = Sp.shape[2]
-        R = torch.empty_like(Sp)  # R[c] = dL/dS_{c+1}
-        R[:, :, -1] = g_end
-        R[:, :, :-1] = g_Sp[:, :, 1:]
-        Mt = M.transpose(-1, -2)
-        for c in range(n - 1, 0, -1):
-            R[:, :, c - 1].flatten(0, 1).baddbmm_(
-                R[:, :, c].flatten(0, 1), Mt[:, :, c].flatten(0, 1)
-            )
-        g_S0 = None
-        if ctx.needs_input_grad[0]:
-            g_S0 = torch.baddbmm(
-                g_Sp[:, :, 0].flatten(0, 1), R[:, :, 0].flatten(0, 1), Mt[:, :, 0].flatten(0, 1)
-            )
-            g_S0 = g_S0.unflatten(0, R.shape[:2])
-        return g_S0, Sp.transpose(-1, -2) @ R, R
+def _scan(S0: Tensor | None, g: Tensor, W: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
+    """state_scan's forward: two kernels a chunk, in place, into a buffer holding the K already:
+    g_c S_c elementwise, then - S_c W_c by one batched matmul. Not S_c (g_c I - W_c) in one: a
+    TF32 matmul (the trainer's) would round all of the state to 10 stored mantissa bits every
+    chunk, and with weak writes and slow decay the error grows over the chunks (3e-2 relative
+    after 64 chunks where the per-chunk loop kept 1e-3); here, as there, only the correction
+    S_c W_c is rounded."""
+    B, H, n, dv, dk = K.shape
+    Sp = K.new_empty(B, H, n, dv, dk)
+    S_end = K[:, :, -1].clone()
+    Sp[:, :, 1:] = K[:, :, :-1]
+    if S0 is None:
+        Sp[:, :, 0] = 0
+    else:
+        Sp[:, :, 0] = S0
+    gs = g[..., None, None]
+    for c in range(n):
+        S, nxt = Sp[:, :, c], (Sp[:, :, c + 1] if c + 1 < n else S_end)
+        nxt.addcmul_(S, gs[:, :, c])
+        nxt.flatten(0, 1).baddbmm_(S.flatten(0, 1), W[:, :, c].flatten(0, 1), alpha=-1)
+    return Sp, S_end
+
+
+@state_scan.register_fake
+def _(S0: Tensor | None, g: Tensor, W: Tensor, K: Tensor) -> tuple[Tensor, Tensor]:
+    B, H, n, dv, dk = K.shape
+    return K.new_empty(B, H, n, dv, dk), K.new_empty(B, H, dv, dk)
+
+
+@torch.library.custom_op("bwr::state_scan_backward", mutates_args=())
+def _scan_backward(
+    Sp: Tensor, g: Tensor, W: Tensor, g_Sp: Tensor | None, g_end: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    """Gradients of state_scan from its saved states Sp, g and W and the outputs' gradients
+    (None: zeros) -> dS_0, dg, dW, dK. With R_c = dL/dS_{c+1}: R_{n-1} = g_end and
+    R_{c-1} = G_c + g_c R_c - R_c W_c^T (G the gradient of Sp; two kernels a chunk, in place, as
+    forward), dS_0 likewise, dK = R, and over all chunks at once dW_c = -S_c^T R_c,
+    dg_c = sum(S_c * R_c)."""
+    n = Sp.shape[2]
+    R = torch.empty_like(Sp)  # R[c] = dL/dS_{c+1}
+    G = torch.zeros_like(Sp) if g_Sp is None else g_Sp
+    R[:, :, -1] = 0 if g_end is None else g_end
+    R[:, :, :-1] = G[:, :, 1:]
+    gs, Wt = g[..., None, None], W.transpose(-1, -2)
+    for c in range(n - 1, 0, -1):
+        R[:, :, c - 1].addcmul_(R[:, :, c], gs[:, :, c])
+        R[:, :, c - 1].flatten(0, 1).baddbmm_(
+            R[:, :, c].flatten(0, 1), Wt[:, :, c].flatten(0, 1), alpha=-1
+        )
+    g_S0 = torch.addcmul(G[:, :, 0], R[:, :, 0], gs[:, :, 0])
+    g_S0.flatten(0, 1).baddbmm_(R[:, :, 0].flatten(0, 1), Wt[:, :, 0].flatten(0, 1), alpha=-1)
+    g_W = (Sp.transpose(-1, -2) @ R).neg_()
+    return g_S0, (Sp * R).sum((-1, -2)), g_W, R
+
+
+@_scan_backward.register_fake
+def _(
+    Sp: Tensor, g: Tensor, W: Tensor, g_Sp: Tensor | None, g_end: Tensor | None
+) -> tuple[Tensor, Tensor, Tensor, Tensor]:
+    B, H, _, dv, dk = Sp.shape
+    return (
+        Sp.new_empty(B, H, dv, dk),
+        g.new_empty(g.shape),
+        W.new_empty(W.shape),
+        torch.empty_like(Sp),
+    )
+
+
+def _scan_setup(
+    ctx, inputs: tuple[Tensor | None, Tensor, Tensor, Tensor], output: tuple[Tensor, Tensor]
+) -> None:  # type: ignore[no-untyped-def]
+    ctx.save_for_backward(output[0], inputs[1], inputs[2])
+    ctx.initial = inputs[0] is not None
+
+
+def _scan_grad(ctx, g_Sp: Tensor | None, g_end: Tensor | None) -> tuple[Tensor | None, ...]:  # type: ignore[no-untyped-def]
+    Sp, g, W = ctx.saved_tensors
+    g_S0, g_g, g_W, g_K = _scan_backward(Sp, g, W, g_Sp, g_end)
+    return (g_S0 if ctx.initial else None), g_g, g_W, g_K
+
+
+state_scan.register_autograd(_scan_grad, setup_context=_scan_setup)
 
 
 def solve_unit_lower(A: Tensor, rhs: Tensor) -> Tensor:
@@ -201,10 +251,11 @@ def unit_lower_inverse(A: Tensor, block: int = 1, split: bool | None = None) -> 
     1 x 1 blocks (block 1, the default) that is log2(C) rounds; a larger block inverts its diagonal
     blocks first by forward substitution (block - 1 steps). Each round writes its new blocks into
     one preallocated inverse, in place; its products are broadcast products and sums for blocks up
-    to _BROADCAST rows (no copies of the strided blocks, exact float32 whatever TF32 says), matmuls
-    above. No power series of A, whose terms can be large where the inverse is not: each entry
-    comes from products of inverses, to float32 accuracy (2e-7 relative at worst on keys like the
-    model's, as torch.linalg.solve_triangular; from 1 x 1 blocks as from 16).
+    to _BROADCAST rows, of any size under torch.compile (no copies of the strided blocks, exact
+    float32 whatever TF32 says), matmuls above. No power series of A, whose terms can be large
+    where the inverse is not: each entry comes from products of inverses, to float32 accuracy
+    (2e-7 relative at worst on keys like the model's, as torch.linalg.solve_triangular; from
+    1 x 1 blocks as from 16).
 
     Precision relied on: float32 products in the rounds between blocks. Where float32 matmuls run
     in TF32 (the trainer on a GPU) plain products -X22 L21 X11 would round their inputs to 10
@@ -229,6 +280,7 @@ def unit_lower_inverse(A: Tensor, block: int = 1, split: bool | None = None) -> 
         _diag_blocks(X, block).copy_(_substitute(_diag_blocks(A, block)))
     nA = -A
     recording = torch.is_grad_enabled() and A.requires_grad
+    broadcast = size if torch.compiler.is_compiling() else _BROADCAST
     s = block
     while s < size:
         # Under autograd the products read a copy: what they save must not be written after.
@@ -238,7 +290,7 @@ def unit_lower_inverse(A: Tensor, block: int = 1, split: bool | None = None) -> 
         nL21 = _diag_blocks(nA, 2 * s)[..., s:, :s]  # -L21
         if s == 1:  # X11 = X22 = 1
             X21.copy_(nL21)
-        elif s <= _BROADCAST:
+        elif s <= broadcast:
             XL = (X22.unsqueeze(-1) * nL21.unsqueeze(-3)).sum(-2)
             _sum_into(X21, XL.unsqueeze(-1) * X11.unsqueeze(-3))
         else:
@@ -247,7 +299,10 @@ def unit_lower_inverse(A: Tensor, block: int = 1, split: bool | None = None) -> 
     return X[..., :C, :C]
 
 
-_BROADCAST = 8  # blocks up to this many rows multiply by broadcast products (see above)
+# Blocks up to this many rows multiply by broadcast products (see above) in eager code, where
+# the products are materialised (N C s^2 / 2 floats for N matrices); compiled, all do: the
+# compiler fuses each product and its sum into one reduction, with no matmul and no split.
+_BROADCAST = 8
 
 
 def _sum_into(dst: Tensor, x: Tensor) -> None:
