@@ -21,15 +21,16 @@ wrapped for an op: no kernel on a GPU). Each op is about one kernel launch on a 
   cat (cat, stack); copy_MB: the bytes they write, from the destination's shape for copy_ (at 4
   bytes an element: everything here is float32), the memory the op allocates for cat;
 - ms: CPU wall time of forward + backward without the profiler, median of --repeat runs after one
-  warm-up, on --threads threads (1 by default, for stable numbers).
+  warm-up, on --threads threads (1 by default, for stable numbers);
+- saved_MB: what autograd keeps for backward (distinct storages, inputs and weights included).
 With --compiled (slow: a minute or two a row), the step compiled by inductor as the trainer
 compiles its blocks (on this CPU), counted from the generated code: c_fused (fused kernels),
 c_extern (extern kernels: the matmuls), c_library (library and fallback ops; each bwr::state_scan
-call runs n + 3 kernels of its own, its backward n + 4, for n chunks).
+call runs 2 n + 3 kernels of its own, its backward 2 n + 6, for n chunks).
 
 JSON (--json): {"config", "batch", "T", "threads", "torch", "rows": [{"variant", "scope", "ops",
-"matmuls", "copies", "copy_MB", "ms", "top": {op: count, the ten most frequent}, and with
---compiled "c_fused", "c_extern", "c_library"}]}.
+"matmuls", "copies", "copy_MB", "ms", "saved_MB", "top": {op: count, the ten most frequent},
+and with --compiled "c_fused", "c_extern", "c_library"}]}.
 """
 
 from __future__ import annotations
@@ -136,11 +137,26 @@ def _numel(shape: list[int]) -> int:
     return n
 
 
+def saved_mb(fn: Callable[[], None]) -> float:
+    """Megabytes autograd keeps for backward in fn's forward: distinct storages of the saved
+    tensors (inputs and weights included), as the memory a training step holds."""
+    sizes: dict[int, int] = {}
+
+    def pack(t: torch.Tensor) -> torch.Tensor:
+        storage = t.untyped_storage()
+        sizes[storage.data_ptr()] = storage.nbytes()
+        return t
+
+    with torch.autograd.graph.saved_tensors_hooks(pack, lambda t: t):
+        fn()
+    return round(sum(sizes.values()) / 2**20, 1)
+
+
 def compiled(fn: Callable[[], None]) -> dict[str, int]:
     """Compiles fn (inductor, as the trainer compiles its blocks; on the CPU here) and counts the
     calls in the generated wrappers of forward and backward: fused kernels, extern kernels
-    (matmuls) and library ops (bwr::state_scan and its backward run n + 3 and n + 4 kernels of
-    their own; aten fallbacks such as cumsum)."""
+    (matmuls) and library ops (bwr::state_scan and its backward, which run 2 n + 3 and 2 n + 6
+    kernels of their own; aten fallbacks such as cumsum)."""
     import torch._dynamo
     from torch._inductor.utils import run_and_get_code
 
@@ -218,10 +234,11 @@ def main() -> None:
             for scope in args.scopes.split(","):
                 row = dict(variant=variant, scope=scope, **count(fns[scope]))
                 row["ms"] = round(wall_ms(fns[scope], args.repeat), 1)
+                row["saved_MB"] = saved_mb(fns[scope])
                 if args.compiled:
                     row |= {f"c_{k}": n for k, n in compiled(fns[scope]).items()}
                 rows.append(row)
-    cols = ["variant", "scope", "ops", "matmuls", "copies", "copy_MB", "ms"]
+    cols = ["variant", "scope", "ops", "matmuls", "copies", "copy_MB", "ms", "saved_MB"]
     if args.compiled:
         cols += ["c_fused", "c_extern", "c_library"]
     print(f"{args.config}: batch {args.batch}, T {args.T}, {args.threads} thread(s)")

@@ -5,9 +5,10 @@
 with k and q L2-normalised, a (decay) and b (write strength) from sigmoids. Two forms:
 
 - chunkwise-parallel (training, prefill): within a chunk of C bytes the writes are solved as a
-  unit-lower-triangular system (the WY form), by the system's inverse built from blocks with
-  matmuls (`unit_lower_inverse`), across chunks the state is carried; pure PyTorch, runs on the
-  CPU;
+  unit-lower-triangular system (the WY form), by the system's inverse built from blocks
+  (`unit_lower_inverse`), batched over all chunks; across chunks the state is carried by a scan
+  of two kernels a chunk (`state_scan`, a library op), and the rest is batched again; pure
+  PyTorch, runs on the CPU;
 - recurrent (decode): one rank-one update per byte.
 
 Shapes: B batch, T bytes, H heads, C chunk, dk = dv = D / H. The state S is (B, H, dv, dk).
@@ -101,7 +102,9 @@ def _chunked(
     A = b.unsqueeze(-1) * KK
     gamma = lg.exp()
     # One solve for both right-hand sides (values, decayed keys): UW = [U | Wk], (B, H, n, C, dv+dk)
-    UW = solve_unit_lower(A, b.unsqueeze(-1) * torch.cat([v, gamma.unsqueeze(-1) * k], -1))
+    # (b times each part, not the cat: a product by b would keep the cat for backward)
+    rhs = torch.cat([b.unsqueeze(-1) * v, (b * gamma).unsqueeze(-1) * k], -1)
+    UW = solve_unit_lower(A, rhs)
     # Within a chunk W = U - Wk S^T for the state S entering it, so
     #   o = Qg S^T + P W = P U + (Qg - P Wk) S^T,
     #   S' = gamma_C S + W^T K_end = gamma_C S - S Wk^T K_end + U^T K_end,
@@ -199,7 +202,8 @@ def _(
 def _scan_setup(
     ctx, inputs: tuple[Tensor | None, Tensor, Tensor, Tensor], output: tuple[Tensor, Tensor]
 ) -> None:  # type: ignore[no-untyped-def]
-    ctx.save_for_backward(output[0], inputs[1], inputs[2])
+    # W alone: a view of a larger product (W and K) would keep all of it for backward
+    ctx.save_for_backward(output[0], inputs[1], inputs[2].contiguous())
     ctx.initial = inputs[0] is not None
 
 
