@@ -4,7 +4,7 @@ Builds one `DeltaMixer` of a config (`base`: D 768, 12 heads of 64, chunk 64) an
 backward on random float32 inputs on the CPU (batch 2, T 1024; the state out of the last byte is
 kept, as segmented training keeps it, and gets a gradient too) under `torch.profiler`, for each
 variant of model.delta's switches: `legacy` (CHUNKS "loop", INVERSE "substitute": the code before
-the op cuts, as it was), `current` (the defaults), and each former piece alone. Two scopes:
+the op cuts, as it was), `current` (the defaults), and each switch alone. Two scopes:
 `mixer` (the whole DeltaMixer: projections, conv, norm, gate) and `chunked` (delta_rule_chunked
 alone, on leaf q, k, v, log a, b).
 
@@ -68,6 +68,7 @@ COPIES = {"copy_", "cat"}
 VARIANTS: dict[str, dict[str, Any]] = {
     "legacy": {"CHUNKS": "loop", "INVERSE": "substitute"},
     "current": {},
+    "unpaired": {"PAIR": False},
     "substitute": {"INVERSE": "substitute"},
     "loop": {"CHUNKS": "loop"},
     "triangular": {"SOLVE": "triangular"},

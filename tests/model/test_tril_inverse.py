@@ -80,8 +80,8 @@ def inverse(A: torch.Tensor) -> torch.Tensor:
 
 
 @contextmanager
-def solve(mode: str, **switches: str) -> Iterator[None]:
-    """model.delta's switches: SOLVE = mode, and any others (CHUNKS, INVERSE) as given."""
+def solve(mode: str, **switches: str | bool) -> Iterator[None]:
+    """model.delta's switches: SOLVE = mode, and any others (CHUNKS, INVERSE, PAIR) as given."""
     switches = {"SOLVE": mode, **switches}
     was = {k: getattr(delta, k) for k in switches}
     for k, v in switches.items():
@@ -259,6 +259,24 @@ def test_state_scan_gradcheck(initial: bool) -> None:
     assert torch.allclose(S_end, S, atol=1e-12)
 
 
+@pytest.mark.parametrize("n", [4, 5, 8])
+def test_paired_chunks_carry_the_same_states(n: int) -> None:
+    """_carry pairs chunks up before the scan (n even): the same states as the scan over every
+    chunk, and gradients that pass gradcheck."""
+    gen = torch.Generator().manual_seed(n)
+    f64 = dict(generator=gen, dtype=torch.float64)
+    B, H, dv, dk = 2, 2, 3, 2
+    S0 = torch.randn(B, H, dv, dk, **f64)
+    g = torch.rand(B, H, n, **f64)
+    KW = 0.5 * torch.randn(B, H, n, dv + dk, dk, **f64)
+    K, W = KW.split([dv, dk], -2)
+    want = delta.state_scan(S0, g, W, K)
+    for got, ref in zip(delta._carry(S0, g, KW, dv), want, strict=True):
+        assert (got - ref).abs().max() <= 1e-12
+    inputs = [x.requires_grad_() for x in (S0, g, KW)]
+    assert torch.autograd.gradcheck(lambda S0, g, KW: delta._carry(S0, g, KW, dv), inputs)
+
+
 def test_state_scan_under_tf32_rounds_only_the_corrections() -> None:
     """Weak writes and slow decay keep a state over many chunks. Under TF32 matmuls the chunked
     form with the scan (its body run where the emulation sees it) loses no more than the former
@@ -341,9 +359,9 @@ def test_chunked_equals_recurrent_by_either_solve(
 def test_chunked_compiles_in_one_graph_and_agrees() -> None:
     """torch.compile traces the chunked form whole (the scan is a library op; compiled, every
     round of the inverse takes broadcast products, chunk 32 has one above _BROADCAST) and
-    computes what eager code does, outputs and gradients."""
+    computes what eager code does, outputs and gradients, chunks paired or not."""
     gen = torch.Generator().manual_seed(5)
-    B, H, T, dk, chunk = 2, 2, 70, 8, 32
+    B, H, T, dk, chunk = 2, 2, 100, 8, 32  # 4 chunks (paired), the last padded
     q = F.normalize(torch.randn(B, H, T, dk, generator=gen), dim=-1)
     k = F.normalize(torch.randn(B, H, T, dk, generator=gen), dim=-1)
     v = torch.randn(B, H, T, dk, generator=gen)
@@ -351,11 +369,13 @@ def test_chunked_compiles_in_one_graph_and_agrees() -> None:
     b = torch.rand(B, H, T, generator=gen)
     S = torch.randn(B, H, dk, dk, generator=gen)
     inputs = [x.requires_grad_() for x in (q, k, v, log_a, b, S)]
-    compiled = torch.compile(delta_rule_chunked, backend="aot_eager", fullgraph=True)
-    results = []
-    for fn in (delta_rule_chunked, compiled):
-        o, S_end = fn(*inputs, chunk)
-        grads = torch.autograd.grad(o.square().sum() + S_end.square().sum(), inputs)
-        results.append((o, S_end, *grads))
-    for got, want in zip(results[1], results[0], strict=True):
-        assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
+    for pair in (True, False):
+        with solve("inverse", PAIR=pair):
+            compiled = torch.compile(delta_rule_chunked, backend="aot_eager", fullgraph=True)
+            results = []
+            for fn in (delta_rule_chunked, compiled):
+                o, S_end = fn(*inputs, chunk)
+                grads = torch.autograd.grad(o.square().sum() + S_end.square().sum(), inputs)
+                results.append((o, S_end, *grads))
+        for got, want in zip(results[1], results[0], strict=True):
+            assert (got - want).abs().max() <= 1e-5 * max(1.0, want.abs().max().item())
