@@ -137,10 +137,9 @@ def _carry(S0: Tensor | None, g: Tensor, KW: Tensor, dv: int) -> tuple[Tensor, T
     if n % 2 or n < 4 or not PAIR:
         K, W = KW.split([dv, dk], -2)
         return state_scan(S0, g, W, K)
-    g0, g1 = g.unflatten(-1, (n // 2, 2)).unbind(
-        -1
-    )  # chunks 0, 2, ... and 1, 3, ...: (B, H, n / 2)
-    KW0, KW1 = KW.unflatten(2, (n // 2, 2)).unbind(3)  # (B, H, n / 2, dv + dk, dk)
+    # chunks 0, 2, ... and 1, 3, ...: (B, H, n / 2) and (B, H, n / 2, dv + dk, dk)
+    g0, g1 = g.unflatten(-1, (n // 2, 2)).unbind(-1)
+    KW0, KW1 = KW.unflatten(2, (n // 2, 2)).unbind(3)
     K0, W0 = KW0.split([dv, dk], -2)
     K1, W1 = KW1.split([dv, dk], -2)
     g0, g1, g01 = g0[..., None, None], g1[..., None, None], g0 * g1
