@@ -128,8 +128,8 @@ def run_segments(
     lag: segments that pass before a closed segment's slots become readable (0 or 1).
     max_slots: keep at most this many slots readable, the newest and finest (None: all).
     hierarchy: consolidate as the memory workers do (None: one unbounded level).
-    drop: (segments - 1, B) bool: row b's recurrent state is zeroed before segment i + 1 where
-    drop[i, b] (None: never).
+    drop: (n, B) bool: row b's recurrent state is zeroed before segment i + 1 where drop[i, b]
+    (None, or a boundary past the n given: never).
     """
     cfg = model.config
     S = segment_len or cfg.segment_len
@@ -147,7 +147,7 @@ def run_segments(
     state: State | None = None
     logits = []
     for i, seg in enumerate(tokens.split(S, dim=1)):
-        if i and drop is not None and state is not None:
+        if drop is not None and state is not None and 0 < i <= drop.shape[0]:
             state = _drop_state(state, ~drop[i - 1])
         memory = _read(before if lag else now, i, cfg.age_buckets, max_slots)
         out = model.run(seg, state, memory, want_state=True)

@@ -78,6 +78,11 @@ def test_state_drop_zeroes_only_the_drawn_rows(micro_model: ByteLM) -> None:
             mask=torch.ones(1, m, dtype=torch.bool),
         )
         fresh = micro_model.run(tokens[:1, S:], None, memory).logits  # zero state, same memory
+    with torch.no_grad():  # a trailing partial segment past the boundaries drawn: never dropped
+        ragged = torch.cat([tokens, tokens[:, :5]], 1)
+        torch.testing.assert_close(
+            run_segments(micro_model, ragged, drop=drop)[:, : 2 * S], got, rtol=0, atol=0
+        )
     torch.testing.assert_close(got[1], kept[1], rtol=0, atol=0)
     torch.testing.assert_close(got[0, :S], kept[0, :S], rtol=0, atol=0)
     torch.testing.assert_close(got[:1, S:], fresh, rtol=1e-5, atol=1e-5)
