@@ -232,4 +232,12 @@ def main(argv: Sequence[str] | None = None) -> int:
 
 
 if __name__ == "__main__":
-    sys.exit(main())
+    code = main()
+    if "LOCAL_RANK" in os.environ:
+        # Under torchrun, once the group is left and the checkpoints written, skip the
+        # interpreter's teardown: gloo's threads can abort it ("terminate called without an
+        # active exception", SIGABRT), failing a run whose work is all done.
+        sys.stdout.flush()
+        sys.stderr.flush()
+        os._exit(code)
+    sys.exit(code)
