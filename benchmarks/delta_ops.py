@@ -42,7 +42,6 @@ import statistics
 import time
 from collections import Counter
 from collections.abc import Callable
-from contextlib import contextmanager
 from typing import Any
 
 import torch
@@ -73,18 +72,6 @@ VARIANTS: dict[str, dict[str, Any]] = {
     "loop": {"CHUNKS": "loop"},
     "triangular": {"SOLVE": "triangular"},
 }
-
-
-@contextmanager
-def switches(settings: dict[str, Any]):  # type: ignore[no-untyped-def]
-    was = {k: getattr(delta, k) for k in settings}
-    for k, v in settings.items():
-        setattr(delta, k, v)
-    try:
-        yield
-    finally:
-        for k, v in was.items():
-            setattr(delta, k, v)
 
 
 def count(fn: Callable[[], None]) -> dict[str, Any]:
@@ -232,14 +219,14 @@ def main() -> None:
     fns = steps(cfg, args.batch, args.T)
     rows = []
     for variant in args.variants.split(","):
-        with switches(VARIANTS[variant]):
+        with delta.switched(**VARIANTS[variant]):
             for scope in args.scopes.split(","):
                 row = dict(variant=variant, scope=scope, **count(fns[scope]))
                 row["ms"] = round(wall_ms(fns[scope], args.repeat), 1)
                 row["saved_MB"] = saved_mb(fns[scope])
                 rows.append(row)
     for row in rows if args.compiled else []:  # after all eager runs, which compiling perturbs
-        with switches(VARIANTS[row["variant"]]):
+        with delta.switched(**VARIANTS[row["variant"]]):
             row |= {f"c_{k}": n for k, n in compiled(fns[row["scope"]]).items()}
     cols = ["variant", "scope", "ops", "matmuls", "copies", "copy_MB", "ms", "saved_MB"]
     if args.compiled:

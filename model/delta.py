@@ -16,6 +16,9 @@ Shapes: B batch, T bytes, H heads, C chunk, dk = dv = D / H. The state S is (B, 
 
 from __future__ import annotations
 
+from collections.abc import Iterator
+from contextlib import contextmanager
+
 import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
@@ -41,6 +44,18 @@ PAIR = True
 # How the solve inverts: "doubling" (unit_lower_inverse from 1 x 1 blocks, in place) or
 # "substitute" (the former: substitution over 16-row blocks, then rounds joined by torch.cat).
 INVERSE = "doubling"
+
+
+@contextmanager
+def switched(**settings: str | bool) -> Iterator[None]:
+    """The switches above set for a block (SOLVE="triangular", CHUNKS="loop", ...), restored
+    after: A/B runs of the paths in one process."""
+    was = {k: globals()[k] for k in settings}
+    globals().update(settings)
+    try:
+        yield
+    finally:
+        globals().update(was)
 
 
 def delta_rule_recurrent(
@@ -79,6 +94,23 @@ def delta_rule_chunked(
         return _chunked(q, k, v, log_a, b, None if S is None else S.float(), chunk)
 
 
+def _in_chunks(
+    q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, chunk: int
+) -> tuple[Tensor, Tensor, Tensor, Tensor, Tensor, int]:
+    """Cut (B, H, T, .) into n chunks of C: q, k, v (B, H, n, C, d), b and the cumulated log decay
+    lg = log gamma_i within each chunk (B, H, n, C), and the padding added to T (padding writes
+    nothing, b = 0, and keeps the state, a = 1)."""
+    B, H, T, _ = k.shape
+    pad = (-T) % chunk
+    if pad:
+        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
+        log_a, b = F.pad(log_a, (0, pad)), F.pad(b, (0, pad))
+    n = (T + pad) // chunk
+    q, k, v = (x.reshape(B, H, n, chunk, -1) for x in (q, k, v))
+    lg = log_a.reshape(B, H, n, chunk).cumsum(-1)
+    return q, k, v, b.reshape(B, H, n, chunk), lg, pad
+
+
 def _chunked(
     q: Tensor, k: Tensor, v: Tensor, log_a: Tensor, b: Tensor, S: Tensor | None, chunk: int
 ) -> tuple[Tensor, Tensor]:
@@ -86,14 +118,8 @@ def _chunked(
         return _chunked_loop(q, k, v, log_a, b, S, chunk)
     B, H, T, dk = k.shape
     dv = v.shape[-1]
-    pad = (-T) % chunk
-    if pad:  # padding writes nothing (b = 0) and keeps the state (a = 1)
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        log_a, b = F.pad(log_a, (0, pad)), F.pad(b, (0, pad))
-    n = (T + pad) // chunk
-    q, k, v = (x.reshape(B, H, n, chunk, -1) for x in (q, k, v))  # (B, H, n, C, d)
-    log_a, b = log_a.reshape(B, H, n, chunk), b.reshape(B, H, n, chunk)
-    lg = log_a.cumsum(-1)  # log gamma_i within the chunk, (B, H, n, C)
+    q, k, v, b, lg, pad = _in_chunks(q, k, v, log_a, b, chunk)
+    n = q.shape[2]
     incl = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()
     # gamma_i / gamma_j for j <= i, else 0, (B, H, n, C, C)
     decay = torch.where(incl, lg.unsqueeze(-1) - lg.unsqueeze(-2), float("-inf")).exp()
@@ -413,14 +439,8 @@ def _chunked_loop(
     dv = v.shape[-1]
     if S is None:
         S = k.new_zeros(B, H, dv, dk)
-    pad = (-T) % chunk
-    if pad:  # padding writes nothing (b = 0) and keeps the state (a = 1)
-        q, k, v = (F.pad(x, (0, 0, 0, pad)) for x in (q, k, v))
-        log_a, b = F.pad(log_a, (0, pad)), F.pad(b, (0, pad))
-    n = (T + pad) // chunk
-    q, k, v = (x.reshape(B, H, n, chunk, -1) for x in (q, k, v))  # (B, H, n, C, d)
-    log_a, b = log_a.reshape(B, H, n, chunk), b.reshape(B, H, n, chunk)
-    lg = log_a.cumsum(-1)  # log gamma_i within the chunk, (B, H, n, C)
+    q, k, v, b, lg, _ = _in_chunks(q, k, v, log_a, b, chunk)
+    n = q.shape[2]
     diff = lg.unsqueeze(-1) - lg.unsqueeze(-2)  # log(gamma_i / gamma_j), (B, H, n, C, C)
     strict = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril(-1)
     incl = torch.ones(chunk, chunk, dtype=torch.bool, device=k.device).tril()

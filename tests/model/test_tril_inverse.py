@@ -16,8 +16,8 @@ On matrices drawn like the chunked form's A = b_i gamma_i / gamma_j (k_i . k_j) 
 
 from __future__ import annotations
 
-from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from collections.abc import Callable
+from contextlib import AbstractContextManager
 from typing import Any
 
 import pytest
@@ -79,18 +79,9 @@ def inverse(A: torch.Tensor) -> torch.Tensor:
     return torch.linalg.inv(torch.eye(A.shape[-1], dtype=A.dtype) + A)
 
 
-@contextmanager
-def solve(mode: str, **switches: str | bool) -> Iterator[None]:
+def solve(mode: str, **switches: str | bool) -> AbstractContextManager[None]:
     """model.delta's switches: SOLVE = mode, and any others (CHUNKS, INVERSE, PAIR) as given."""
-    switches = {"SOLVE": mode, **switches}
-    was = {k: getattr(delta, k) for k in switches}
-    for k, v in switches.items():
-        setattr(delta, k, v)
-    try:
-        yield
-    finally:
-        for k, v in was.items():
-            setattr(delta, k, v)
+    return delta.switched(SOLVE=mode, **switches)
 
 
 class TF32(TorchFunctionMode):
