@@ -38,8 +38,6 @@ from __future__ import annotations
 import argparse
 import json
 import re
-import statistics
-import time
 from collections import Counter
 from collections.abc import Callable
 from typing import Any
@@ -47,6 +45,7 @@ from typing import Any
 import torch
 from torch.profiler import ProfilerActivity, profile
 
+from benchmarks.model_speed import timed
 from model import delta
 from model.config import ModelConfig
 from model.delta import DeltaMixer, delta_rule_chunked
@@ -166,16 +165,6 @@ CALL = re.compile(
 )
 
 
-def wall_ms(fn: Callable[[], None], repeat: int) -> float:
-    fn()
-    times = []
-    for _ in range(repeat):
-        t0 = time.perf_counter()
-        fn()
-        times.append(time.perf_counter() - t0)
-    return 1e3 * statistics.median(times)
-
-
 def steps(cfg: ModelConfig, batch: int, T: int) -> dict[str, Callable[[], None]]:
     """One forward + backward of each scope, on fixed random inputs and output gradients."""
     torch.manual_seed(0)
@@ -222,7 +211,7 @@ def main() -> None:
         with delta.switched(**VARIANTS[variant]):
             for scope in args.scopes.split(","):
                 row = dict(variant=variant, scope=scope, **count(fns[scope]))
-                row["ms"] = round(wall_ms(fns[scope], args.repeat), 1)
+                row["ms"] = round(1e3 * timed(fns[scope], 1, args.repeat), 1)
                 row["saved_MB"] = saved_mb(fns[scope])
                 rows.append(row)
     for row in rows if args.compiled else []:  # after all eager runs, which compiling perturbs
