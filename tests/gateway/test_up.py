@@ -101,7 +101,9 @@ async def test_auth_and_metrics(up: Up) -> None:
         assert (await http.get("/readyz")).json()["nats"] == "connected"
         before = values((await http.get("/metrics", headers=up.headers)).text)
         r = await http.post(
-            "/v1/completions", headers=up.headers, json={"prompt": "count", "max_tokens": 12}
+            "/v1/completions",
+            headers=up.headers,
+            json={"prompt": "count", "max_tokens": 12, "ignore_eos": True},
         )
         assert r.status_code == 200
         after = values((await http.get("/metrics", headers=up.headers)).text)
