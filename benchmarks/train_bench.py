@@ -23,7 +23,8 @@ from typing import Any
 
 import torch
 
-from model import ByteLM, ModelConfig
+from benchmarks.delta_ops import VARIANTS
+from model import ByteLM, ModelConfig, delta
 from model.train import TrainConfig, TrainLoop
 
 
@@ -115,35 +116,48 @@ def main() -> None:
     p.add_argument("--device", default="cuda" if torch.cuda.is_available() else "cpu")
     p.add_argument("--json", type=Path)
     p.add_argument("--profile", action="store_true", help="top kernels of 3 steps, first point")
+    p.add_argument(
+        "--delta",
+        default="current",
+        help=f"paths of the chunked delta rule to time in turn, a comma list of {', '.join(VARIANTS)}",
+    )
     args = p.parse_args()
     config = ModelConfig.named(args.config)
     choice = {"off": [False], "on": [True], "both": [False, True]}
     results = []
+    variants = args.delta.split(",")
+    if unknown := set(variants) - set(VARIANTS):
+        p.error(f"unknown --delta {', '.join(sorted(unknown))}")
     if args.profile:
-        profile(config, *point(args.grid.split(",")[0]), args.device)
-    head = f"{'rows':>5} {'seq':>6} {'segs':>4} {'ckpt':>4} {'comp':>6} {'bytes/s':>12}"
+        with delta.switched(**VARIANTS[variants[0]]):
+            profile(config, *point(args.grid.split(",")[0]), args.device)
+    head = (
+        f"{'rows':>5} {'seq':>6} {'segs':>4} {'ckpt':>4} {'comp':>6} {'delta':>10} {'bytes/s':>12}"
+    )
     print(head + f" {'MFU':>6} {'step ms':>8} {'mem GB':>7} {'warm s':>7}", flush=True)
     for spec in filter(None, args.grid.split(",")):
         rows, seq, segs = point(spec)
         for ck in choice[args.checkpointing]:
             for comp in args.compile.split(","):
-                try:
-                    r = measure(
-                        config, rows, seq, segs, checkpointing=ck, compile=comp,
-                        steps=args.steps, warmup=args.warmup, peak=args.peak_flops,
-                        device=args.device,
-                    )  # fmt: skip
-                except torch.OutOfMemoryError:
-                    print(f"{rows:>5} {seq:>6} {segs:>4} {ck!s:>4} {comp:>6} out of memory")
-                    torch.cuda.empty_cache()
-                    continue
-                results.append(r)
-                print(
-                    f"{rows:>5} {seq:>6} {segs:>4} {ck!s:>4} {comp:>6}"
-                    f" {r['bytes_per_s']:>12,.0f} {100 * r['mfu']:>5.1f}% {r['step_ms']:>8.1f}"
-                    f" {r['peak_mem_gb']:>7.1f} {r['warmup_s']:>7.1f}",
-                    flush=True,
-                )
+                for variant in variants:
+                    where = f"{rows:>5} {seq:>6} {segs:>4} {ck!s:>4} {comp:>6} {variant:>10}"
+                    try:
+                        with delta.switched(**VARIANTS[variant]):
+                            r = measure(
+                                config, rows, seq, segs, checkpointing=ck, compile=comp,
+                                steps=args.steps, warmup=args.warmup, peak=args.peak_flops,
+                                device=args.device,
+                            )  # fmt: skip
+                    except torch.OutOfMemoryError:
+                        print(f"{where} out of memory")
+                        torch.cuda.empty_cache()
+                        continue
+                    results.append({**r, "delta": variant})
+                    print(
+                        f"{where} {r['bytes_per_s']:>12,.0f} {100 * r['mfu']:>5.1f}%"
+                        f" {r['step_ms']:>8.1f} {r['peak_mem_gb']:>7.1f} {r['warmup_s']:>7.1f}",
+                        flush=True,
+                    )
     if args.json:
         args.json.parent.mkdir(parents=True, exist_ok=True)
         machine = dict(

@@ -39,7 +39,10 @@ def runners() -> tuple[Runner, Runner]:
     gen = torch.Generator().manual_seed(1)
     for slot in range(SLOTS):
         params = SamplingParams(
-            temperature=0.5 + 0.1 * slot, top_k=[0, 5, 40][slot % 3], top_p=[1.0, 0.9][slot % 2]
+            temperature=0.5 + 0.1 * slot,
+            top_k=[0, 5, 40][slot % 3],
+            top_p=[1.0, 0.9][slot % 2],
+            ignore_eos=slot % 3 == 0,
         )
         mem = MemorySlots(
             torch.randn(1, 4, model.config.d_model, generator=gen),
@@ -125,7 +128,13 @@ def test_engine_with_graphs_gives_the_bytes_of_the_eager_engine() -> None:
     model = ByteLM(ModelConfig.named("tiny")).eval()
     prompts = [b"graphs", b"and eager " * 8, b"agree"]
     params = [
-        SamplingParams(max_bytes=32, temperature=t, seed=i, stop=(b"e",) if i == 2 else ())
+        SamplingParams(
+            max_bytes=32,
+            temperature=t,
+            seed=i,
+            stop=(b"e",) if i == 2 else (),
+            ignore_eos=i == 1,
+        )
         for i, t in enumerate((0.0, 0.8, 1.1))
     ]
 
