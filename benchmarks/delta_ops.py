@@ -3,8 +3,9 @@
 Builds one `DeltaMixer` of a config (`base`: D 768, 12 heads of 64, chunk 64) and runs forward +
 backward on random float32 inputs on the CPU (batch 2, T 1024; the state out of the last byte is
 kept, as segmented training keeps it, and gets a gradient too) under `torch.profiler`, for each
-variant of model.delta's switches: `legacy` (CHUNKS "loop", INVERSE "substitute": the code before
-the op cuts, as it was), `current` (the defaults), and each switch alone. Two scopes:
+variant of model.delta's switches (VARIANTS below, each setting all four): `loop` (CHUNKS "loop",
+INVERSE "substitute": the defaults), `scan` (the state scan, chunks paired, the inverse by doubling:
+the op cuts), and each of the scan's parts alone. Two scopes:
 `mixer` (the whole DeltaMixer: projections, conv, norm, gate) and `chunked` (delta_rule_chunked
 alone, on leaf q, k, v, log a, b).
 
@@ -62,14 +63,15 @@ MATMULS = {"mm", "bmm", "addmm", "baddbmm", "addbmm", "addmm_", "baddbmm_"}
 WHOLE = MATMULS | {"sum", "mean"}  # one op each, whatever the CPU runs inside them
 COPIES = {"copy_", "cat"}
 
-# Each variant sets module attributes of model.delta; "current" leaves the defaults.
+# Each variant sets the four switches of model.delta.
+_LOOP = {"SOLVE": "inverse", "CHUNKS": "loop", "INVERSE": "substitute", "PAIR": True}
 VARIANTS: dict[str, dict[str, Any]] = {
-    "legacy": {"CHUNKS": "loop", "INVERSE": "substitute"},
-    "current": {},
-    "unpaired": {"PAIR": False},
-    "substitute": {"INVERSE": "substitute"},
-    "loop": {"CHUNKS": "loop"},
-    "triangular": {"SOLVE": "triangular"},
+    "loop": _LOOP,  # the defaults
+    "scan": {**_LOOP, "CHUNKS": "scan", "INVERSE": "doubling"},
+    "scan-unpaired": {**_LOOP, "CHUNKS": "scan", "INVERSE": "doubling", "PAIR": False},
+    "scan-substitute": {**_LOOP, "CHUNKS": "scan"},
+    "loop-doubling": {**_LOOP, "INVERSE": "doubling"},
+    "triangular": {**_LOOP, "SOLVE": "triangular"},
 }
 
 

@@ -118,7 +118,7 @@ def main() -> None:
     p.add_argument("--profile", action="store_true", help="top kernels of 3 steps, first point")
     p.add_argument(
         "--delta",
-        default="current",
+        default="loop",
         help=f"paths of the chunked delta rule to time in turn, a comma list of {', '.join(VARIANTS)}",
     )
     args = p.parse_args()

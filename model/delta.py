@@ -34,16 +34,18 @@ State = dict[str, Tensor]
 # then matmuls; backward two matmuls) or "triangular" (torch.linalg.solve_triangular, the former
 # path, kept to compare the two in one process).
 SOLVE = "inverse"
-# How the chunked form carries the state across chunks: "scan" (state_scan: the state update as
-# g S - S W + K, one matmul a chunk each way, the rest batched over chunks) or "loop" (the former
-# per-chunk loop of matmuls under autograd, kept to compare the two in one process).
-CHUNKS = "scan"
+# How the chunked form carries the state across chunks: "loop" (a per-chunk loop of matmuls under
+# autograd) or "scan" (state_scan: the state update as g S - S W + K, one matmul a chunk each way,
+# the rest batched over chunks: a quarter of the ops, but on an H100 training base 3% slower with
+# 6 GB more memory, docs/BENCHMARKS.md, so not the default).
+CHUNKS = "loop"
 # Whether the scan pairs chunks up first (_carry: half the sequential steps, two batched matmuls
 # more; under torch.compile about a quarter fewer launches, in eager code about as many ops).
 PAIR = True
-# How the solve inverts: "doubling" (unit_lower_inverse from 1 x 1 blocks, in place) or
-# "substitute" (the former: substitution over 16-row blocks, then rounds joined by torch.cat).
-INVERSE = "doubling"
+# How the solve inverts: "substitute" (substitution over 16-row blocks, then rounds joined by
+# torch.cat) or "doubling" (unit_lower_inverse from 1 x 1 blocks, in place: fewer ops, but 1-2%
+# slower on an H100, so not the default).
+INVERSE = "substitute"
 
 
 @contextmanager

@@ -3,10 +3,12 @@ TF32 tensor-core matmuls, cuBLAS batched products and Inductor's Triton code.
 
 At the base config's head size (64) and chunk (64), float32 inputs, TF32 matmuls on as the trainer
 sets them:
-(a) every path (the scan, paired or not, the former per-chunk loop; the inverse by doubling, by
-    substitution, the triangular solve) stays within float32-and-TF32 error of the float64
-    recurrence, outputs, final state and gradients, and the current path within 1.5x the former;
-(b) torch.compile (Inductor, fullgraph) computes what the eager code does, forward and backward;
+(a) every path (benchmarks/delta_ops.py's variants: the per-chunk loop, the scan, paired or not;
+    the inverse by substitution, by doubling, the triangular solve) stays within float32-and-TF32
+    error of the float64 recurrence, outputs, final state and gradients, the scan within 1.5x the
+    loop;
+(b) torch.compile (Inductor, fullgraph) computes what the eager code does, forward and backward,
+    by the scan paired or not;
 (c) the state scan is a sound library op on CUDA tensors (opcheck).
 Needs a GPU (skipped without one)."""
 
@@ -18,6 +20,7 @@ import pytest
 import torch
 import torch.nn.functional as F
 
+from benchmarks.delta_ops import VARIANTS
 from model import delta
 from model.delta import delta_rule_chunked, delta_rule_recurrent
 
@@ -28,13 +31,7 @@ pytestmark = [
 
 B, H, T, DK, CHUNK = 2, 4, 1000, 64, 64  # 16 chunks, the last padded
 
-PATHS = {
-    "current": {},
-    "unpaired": {"PAIR": False},
-    "substitute": {"INVERSE": "substitute"},
-    "loop": {"CHUNKS": "loop", "INVERSE": "substitute"},
-    "triangular": {"SOLVE": "triangular", "CHUNKS": "loop"},
-}
+PATHS = VARIANTS
 
 
 def inputs(dtype: torch.dtype, seed: int = 0) -> list[torch.Tensor]:
@@ -78,23 +75,32 @@ def test_every_path_is_accurate_under_tf32(tf32: None) -> None:
         errors[name] = [relative(g, r) for g, r in zip(got, refs, strict=True)]
     for name, errs in errors.items():
         assert max(errs) < 1e-2, (name, errs)
-    for cur, old in zip(errors["current"], errors["loop"], strict=True):
-        assert cur <= 1.5 * old + 1e-6, errors
+    for scan, loop in zip(errors["scan"], errors["loop"], strict=True):
+        assert scan <= 1.5 * loop + 1e-6, errors
 
 
 # Dynamo instantiates autograd Functions (_InverseSolve) as it traces them, and warns.
 @pytest.mark.filterwarnings("ignore:.*should not be instantiated:DeprecationWarning")
 @pytest.mark.parametrize("pair", [True, False])
 def test_inductor_compiles_the_chunked_form_and_agrees(pair: bool) -> None:
-    x = inputs(torch.float32, seed=1)
-    with delta.switched(PAIR=pair):
+    """Compiled and eager code both within float32 error of the float64 recurrence, outputs and
+    gradients, the compiled no further from it than twice the eager (Inductor may reassociate
+    sums, but not lose accuracy)."""
+    ref_in = inputs(torch.float64, seed=1)
+    o_ref, S_ref = delta_rule_recurrent(*ref_in)
+    refs = (o_ref, S_ref, *torch.autograd.grad(loss(o_ref, S_ref), ref_in))
+    errors = {}
+    with delta.switched(**VARIANTS["scan"], PAIR=pair):
         compiled = torch.compile(delta_rule_chunked, fullgraph=True)
-        results = []
-        for fn in (delta_rule_chunked, compiled):
+        for name, fn in (("eager", delta_rule_chunked), ("compiled", compiled)):
+            x = inputs(torch.float32, seed=1)
             o, S = fn(*x, CHUNK)
-            results.append((o, S, *torch.autograd.grad(loss(o, S), x)))
-    for got, want in zip(results[1], results[0], strict=True):
-        assert relative(got, want.double()) < 1e-4
+            got = (o, S, *torch.autograd.grad(loss(o, S), x))
+            errors[name] = [relative(g, r) for g, r in zip(got, refs, strict=True)]
+    print(errors)
+    assert max(errors["eager"]) < 1e-3, errors
+    for c, e in zip(errors["compiled"], errors["eager"], strict=True):
+        assert c <= 2 * e + 1e-6, errors
 
 
 def test_state_scan_is_a_sound_library_op_on_cuda() -> None:

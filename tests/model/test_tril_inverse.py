@@ -184,6 +184,9 @@ def test_plain_products_under_tf32_lose_accuracy() -> None:
 # ----- (c) the solve and gradients -----
 
 
+SOLVES = [("inverse", "doubling"), ("inverse", "substitute"), ("triangular", "substitute")]
+
+
 @SETTINGS
 @given(case=systems(), width=st.integers(1, 9))
 def test_solve_matches_solve_triangular(case: dict[str, Any], width: int) -> None:
@@ -192,19 +195,19 @@ def test_solve_matches_solve_triangular(case: dict[str, Any], width: int) -> Non
     rhs = torch.randn(*A.shape[:-1], width, generator=gen, dtype=A.dtype)
     L = torch.eye(A.shape[-1], dtype=A.dtype) + A
     ref = torch.linalg.solve_triangular(L, rhs, upper=False, unitriangular=True)
-    for mode in ("inverse", "triangular"):
-        with solve(mode):
+    for mode, inverse in SOLVES:
+        with solve(mode, INVERSE=inverse):
             assert rel_error(solve_unit_lower(A, rhs), ref) <= 1e-12
             assert rel_error(solve_unit_lower(A.float(), rhs.float()), ref) <= F32_TOL * 10
 
 
 @pytest.mark.parametrize("chunk", [1, 5, 16, 20, 33])
-@pytest.mark.parametrize("mode", ["inverse", "triangular"])
-def test_solve_gradcheck(chunk: int, mode: str) -> None:
+@pytest.mark.parametrize(("mode", "inverse"), SOLVES)
+def test_solve_gradcheck(chunk: int, mode: str, inverse: str) -> None:
     A = strict_lower(chunk, 4, 1.0, 0.5, 0.9, seed=chunk, batch=2)
     A = (A + torch.randn(A.shape, dtype=A.dtype).triu()).requires_grad_()  # upper part: not read
     rhs = torch.randn(2, chunk, 3, dtype=torch.float64, requires_grad=True)
-    with solve(mode):
+    with solve(mode, INVERSE=inverse):
         assert torch.autograd.gradcheck(solve_unit_lower, (A, rhs))
 
 
@@ -219,7 +222,7 @@ def test_inverse_gradcheck(chunk: int, block: int) -> None:
 
 # ----- (d) the chunked form -----
 
-PATHS = [  # SOLVE, CHUNKS, INVERSE: the defaults, the triangular solve, the former path
+PATHS = [  # SOLVE, CHUNKS, INVERSE: the scan, the triangular solve, the defaults
     ("inverse", "scan", "doubling"),
     ("triangular", "scan", "doubling"),
     ("inverse", "loop", "substitute"),
@@ -285,7 +288,8 @@ def test_state_scan_under_tf32_rounds_only_the_corrections() -> None:
     refs = delta_rule_recurrent(q, k, v, log_a, b, S)
     errors = {}
     for chunks in ("scan", "loop"):
-        with solve("inverse", CHUNKS=chunks), TF32():
+        inverse = "doubling" if chunks == "scan" else "substitute"
+        with solve("inverse", CHUNKS=chunks, INVERSE=inverse), TF32():
             was, delta.state_scan = delta.state_scan, delta._scan  # type: ignore[assignment]
             try:
                 got = delta_rule_chunked(q, k, v, log_a, b, S, chunk)
@@ -361,7 +365,7 @@ def test_chunked_compiles_in_one_graph_and_agrees() -> None:
     S = torch.randn(B, H, dk, dk, generator=gen)
     inputs = [x.requires_grad_() for x in (q, k, v, log_a, b, S)]
     for pair in (True, False):
-        with solve("inverse", PAIR=pair):
+        with solve("inverse", CHUNKS="scan", INVERSE="doubling", PAIR=pair):
             compiled = torch.compile(delta_rule_chunked, backend="aot_eager", fullgraph=True)
             results = []
             for fn in (delta_rule_chunked, compiled):
