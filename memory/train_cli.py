@@ -61,6 +61,14 @@ _FLAGS: list[tuple[str, dict[str, Any]]] = [
             help="chance a row's recurrent state is zeroed at a segment boundary (trains the read)",
         ),
     ),
+    (
+        "--state-pass",
+        dict(
+            type=float,
+            default=0.0,
+            help="chance a row starts from the last batch's final state (length generalisation)",
+        ),
+    ),
     ("--grad-checkpoint", dict(action="store_true", help="recompute activations in backward")),
     (
         "--train-compile",
@@ -135,6 +143,7 @@ def configs(args: argparse.Namespace) -> tuple[TrainConfig, TrainerConfig]:
         memory_levels=tuple(int(x) for x in str(a("--memory-levels") or "").split(",") if x),
         merge_group=int(a("--merge-group")),
         state_drop=float(a("--state-drop")),
+        state_pass=float(a("--state-pass")),
     )
     trainer = TrainerConfig(
         consumer=str(a("--consumer")),

@@ -17,12 +17,18 @@ Without one, every slot stays at level 1 (one unbounded level).
 before the boundary then reaches later segments only through memory, so the read is trained to
 carry what the state cannot (at serving time, bytes further back than the state's reach).
 
+`state` starts rows from a given recurrent state instead of zeros, and `want_state` returns the
+state after the last byte: the trainer passes one batch's final states on as the next batch's
+initial ones (`TrainConfig.state_pass`), so a model trained on short rows meets the states that
+long sessions reach.
+
 Shapes: B batch, T bytes, S segment length, D width, m slots per segment, G merge group.
 """
 
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Literal, overload
 
 import torch
 from torch import Tensor
@@ -108,11 +114,37 @@ def _read(levels: Levels, current: int, buckets: int, max_slots: int | None) -> 
     )
 
 
-def _drop_state(state: State, keep: Tensor) -> State:
+def zero_rows(state: State, keep: Tensor) -> State:
     """Zero the rows of every state tensor where keep (B,) is False (zeros: a fresh state)."""
     return {k: v * keep.view(-1, *([1] * (v.dim() - 1))).to(v.dtype) for k, v in state.items()}
 
 
+@overload
+def run_segments(
+    model: ByteLM,
+    tokens: Tensor,
+    *,
+    segment_len: int | None = ...,
+    lag: int = ...,
+    max_slots: int | None = ...,
+    hierarchy: Hierarchy | None = ...,
+    drop: Tensor | None = ...,
+    state: State | None = ...,
+    want_state: Literal[False] = ...,
+) -> Tensor: ...
+@overload
+def run_segments(
+    model: ByteLM,
+    tokens: Tensor,
+    *,
+    segment_len: int | None = ...,
+    lag: int = ...,
+    max_slots: int | None = ...,
+    hierarchy: Hierarchy | None = ...,
+    drop: Tensor | None = ...,
+    state: State | None = ...,
+    want_state: Literal[True],
+) -> tuple[Tensor, State]: ...
 def run_segments(
     model: ByteLM,
     tokens: Tensor,
@@ -122,7 +154,9 @@ def run_segments(
     max_slots: int | None = None,
     hierarchy: Hierarchy | None = None,
     drop: Tensor | None = None,
-) -> Tensor:
+    state: State | None = None,
+    want_state: bool = False,
+) -> Tensor | tuple[Tensor, State]:
     """tokens (B, T) -> logits (B, T, V), reading memory compressed from earlier segments.
 
     lag: segments that pass before a closed segment's slots become readable (0 or 1).
@@ -130,6 +164,8 @@ def run_segments(
     hierarchy: consolidate as the memory workers do (None: one unbounded level).
     drop: (n, B) bool: row b's recurrent state is zeroed before segment i + 1 where drop[i, b]
     (None, or a boundary past the n given: never).
+    state: the recurrent state the rows start from (None: zeros); want_state: return
+    (logits, the state after the last byte).
     """
     cfg = model.config
     S = segment_len or cfg.segment_len
@@ -144,11 +180,10 @@ def run_segments(
     # the slot was written from.
     now: Levels = tuple((empty, ()) for _ in caps)
     before = now
-    state: State | None = None
     logits = []
     for i, seg in enumerate(tokens.split(S, dim=1)):
         if drop is not None and state is not None and 0 < i <= drop.shape[0]:
-            state = _drop_state(state, ~drop[i - 1])
+            state = zero_rows(state, ~drop[i - 1])
         memory = _read(before if lag else now, i, cfg.age_buckets, max_slots)
         out = model.run(seg, state, memory, want_state=True)
         state = out.state
@@ -158,4 +193,8 @@ def run_segments(
             slots = model.compress(out.capture, 1)
             _push(model, work, 0, slots, (i,) * slots.shape[1], caps, G)
             before, now = now, tuple(work)
-    return torch.cat(logits, dim=1)
+    out_logits = torch.cat(logits, dim=1)
+    if want_state:
+        assert state is not None  # a run gives its state back whenever one was asked for
+        return out_logits, state
+    return out_logits

@@ -28,8 +28,8 @@ from torch.utils.checkpoint import checkpoint
 
 from model.codec import EOS, PAD, encode
 from model.distributed import Dist
-from model.lm import ByteLM
-from model.segments import Hierarchy, run_segments
+from model.lm import ByteLM, State
+from model.segments import Hierarchy, run_segments, zero_rows
 
 K = TypeVar("K")
 Batch = Tensor | tuple[Tensor, Tensor]  # (B, T + 1) ids, or ids and their answer mask
@@ -58,6 +58,7 @@ class TrainConfig:
     memory_levels: tuple[int, ...] = ()  # level capacities to consolidate through (): one level
     merge_group: int = 0  # slots a full level merges at once (0: 4 * mem_slots), as MemoryConfig
     state_drop: float = 0.0  # chance a row's recurrent state is zeroed at a segment boundary
+    state_pass: float = 0.0  # chance a row starts from the previous batch's final state, not zeros
 
     def __post_init__(self) -> None:
         fracs = [f for f, _, _ in self.curriculum]
@@ -71,6 +72,8 @@ class TrainConfig:
             raise ValueError(f"answer_weight {self.answer_weight}: want >= 0")
         if not 0 <= self.state_drop < 1:
             raise ValueError(f"state_drop {self.state_drop}: want [0, 1)")
+        if not 0 <= self.state_pass <= 1:
+            raise ValueError(f"state_pass {self.state_pass}: want [0, 1]")
 
     @property
     def hierarchy(self) -> Hierarchy | None:
@@ -243,19 +246,42 @@ def sequence_loss(
     trains through memory (run_segments, with `lag` segments before slots are readable, the
     `hierarchy`'s merges and the state dropped where `drop` says). weight (B, T), one per
     target: the weighted mean instead."""
+    return sequence_loss_from(model, batch, segments, lag, weight, hierarchy, drop, None)[0]
+
+
+def sequence_loss_from(
+    model: ByteLM,
+    batch: Tensor,
+    segments: int,
+    lag: int,
+    weight: Tensor | None,
+    hierarchy: Hierarchy | None,
+    drop: Tensor | None,
+    state: State | None,
+    want_state: bool = False,
+) -> tuple[Tensor, State | None]:
+    """sequence_loss with the rows started from `state` (None: zeros) -> (the loss, the state
+    after the last byte if `want_state`, else None)."""
     x, y = batch[:, :-1], batch[:, 1:]
+    final: State | None = None
     if segments > 1:
         S = max(1, x.shape[1] // segments)
-        logits = run_segments(model, x, segment_len=S, lag=lag, hierarchy=hierarchy, drop=drop)
+        logits, final = run_segments(
+            model, x, segment_len=S, lag=lag, hierarchy=hierarchy, drop=drop, state=state,
+            want_state=True,
+        )  # fmt: skip
     else:
-        logits = model(x)
+        out = model.run(x, state, None, want_state=want_state)
+        logits, final = out.logits, out.state
     flat = logits.reshape(-1, logits.shape[-1]).float()
     if weight is None:
         ce = F.cross_entropy(flat, y.reshape(-1), ignore_index=PAD, reduction="sum")
-        return ce / (y != PAD).sum().clamp(min=1)
-    ce = F.cross_entropy(flat, y.reshape(-1), ignore_index=PAD, reduction="none")
-    w = (weight * (y != PAD)).reshape(-1).float()
-    return (ce * w).sum() / w.sum().clamp(min=1e-6)
+        loss = ce / (y != PAD).sum().clamp(min=1)
+    else:
+        ce = F.cross_entropy(flat, y.reshape(-1), ignore_index=PAD, reduction="none")
+        w = (weight * (y != PAD)).reshape(-1).float()
+        loss = (ce * w).sum() / w.sum().clamp(min=1e-6)
+    return loss, final if want_state else None
 
 
 def answer_weights(answers: Tensor, weight: float) -> Tensor:
@@ -266,12 +292,15 @@ def answer_weights(answers: Tensor, weight: float) -> Tensor:
 
 class Objective(nn.Module):
     """The loss as one module call: DDP all-reduces the gradients of what its wrapper computes,
-    so every forward of a step (run_segments' compressions included) goes through here."""
+    so every forward of a step (run_segments' compressions included) goes through here. With
+    `state`, rows start from it; with `want_state`, the state after the last byte, detached, is
+    left in `final_state` for the next call."""
 
     def __init__(self, model: ByteLM, hierarchy: Hierarchy | None = None) -> None:
         super().__init__()
         self.model = model
         self.hierarchy = hierarchy
+        self.final_state: State | None = None
 
     def forward(
         self,
@@ -280,8 +309,14 @@ class Objective(nn.Module):
         lag: int,
         weight: Tensor | None = None,
         drop: Tensor | None = None,
+        state: State | None = None,
+        want_state: bool = False,
     ) -> Tensor:
-        return sequence_loss(self.model, batch, segments, lag, weight, self.hierarchy, drop)
+        loss, final = sequence_loss_from(
+            self.model, batch, segments, lag, weight, self.hierarchy, drop, state, want_state
+        )
+        self.final_state = None if final is None else {k: v.detach() for k, v in final.items()}
+        return loss
 
 
 def compile_blocks(model: ByteLM, backend: str = "inductor") -> Callable[[], None]:
@@ -360,7 +395,9 @@ class TrainLoop:
         self._uncompile = compile_blocks(model) if compiled else None
         if cfg.hierarchy is not None:
             cfg.hierarchy.check(model.config.mem_slots, model.config.mem_levels)
-        self.objective = self.dist.wrap(Objective(model, cfg.hierarchy))
+        self.loss_module = Objective(model, cfg.hierarchy)
+        self.objective = self.dist.wrap(self.loss_module)
+        self.carry: State | None = None  # the last micro-batch's final states (state_pass)
         embed = model.embed.weight.numel()
         self.flops_per_byte = 6 * (model.num_parameters() - embed)  # 6N: forward and backward
 
@@ -386,14 +423,18 @@ class TrainLoop:
                 weight = answer_weights(weight, self.cfg.answer_weight).to(self.device)
             lag = self.rng.randint(0, 1) if segs > 1 else 0
             drop = self._drops(segs, batch.shape[0])
+            start = self._passed(batch.shape[0])
+            passing = self.cfg.state_pass > 0
             skip_sync = ddp and i < len(micro) - 1  # all-reduce once, on the last micro-batch
             with self.objective.no_sync() if skip_sync else contextlib.nullcontext():  # type: ignore[operator]
                 with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.bf16):
                     batch_d = batch.to(self.device, non_blocking=True)
-                    loss = self.objective(batch_d, segs, lag, weight, drop)
+                    loss = self.objective(batch_d, segs, lag, weight, drop, start, passing)
                     loss = loss / len(micro)
                 loss.backward()
             total += loss.detach()
+            if passing:
+                self.carry = self.loss_module.final_state
             self.bytes += batch[:, 1:].numel() * self.dist.world
         torch.nn.utils.clip_grad_norm_(self.model.parameters(), self.cfg.clip)
         self.opt.step()
@@ -409,6 +450,20 @@ class TrainLoop:
         g = torch.Generator().manual_seed(self.rng.getrandbits(63))
         drop = torch.rand(segments - 1, rows, generator=g) < self.cfg.state_drop
         return drop.to(self.device)
+
+    def _passed(self, rows: int) -> State | None:
+        """The state each row starts from: with chance cfg.state_pass the final state of the same
+        row of the previous micro-batch (detached: no gradient crosses batches), else zeros.
+        Drawn from the loop's generator like _drops; None while nothing is carried (the first
+        micro-batch, or a change of rows)."""
+        if self.cfg.state_pass <= 0 or self.carry is None:
+            return None
+        if any(v.shape[0] != rows for v in self.carry.values()):
+            return None
+        g = torch.Generator().manual_seed(self.rng.getrandbits(63))
+        return zero_rows(
+            self.carry, (torch.rand(rows, generator=g) < self.cfg.state_pass).to(self.device)
+        )
 
     def mfu(self, bytes_per_s: float) -> float:
         """Model FLOPs (6 N per byte) over the devices' peak; 0 off the GPU."""

@@ -1,31 +1,36 @@
 """Training through the hierarchy: run_segments with a Hierarchy reads, at every segment, what a
 session served by the memory workers reads (memory/store.py's policy, merges and the top level's
-self-merge included), and state drop cuts the recurrent state only where it is drawn."""
+self-merge included), state drop cuts the recurrent state only where it is drawn, and state
+passing starts a row from the state the previous batch ended that row in, as a session that had
+read both would be."""
 
 from __future__ import annotations
 
 import copy
+from dataclasses import replace
 
 import pytest
 import torch
 
 from gateway.cli import build_parser, text_train_config
 from memory.store import SessionMemory
-from model import ByteLM
+from model import ByteLM, State
 from model.memread import MemorySlots, age_bucket
 from model.segments import Hierarchy, run_segments
-from model.train import TrainConfig, TrainLoop
+from model.train import TrainConfig, TrainLoop, sequence_loss_from
 
 CAPS, GROUP = (8, 8, 8), 4  # micro's m is 2: a level holds 4 segments, merges 2 at a time
 
 
-def served(model: ByteLM, tokens: torch.Tensor, lag: int) -> torch.Tensor:
+def served(
+    model: ByteLM, tokens: torch.Tensor, lag: int, state: State | None = None
+) -> tuple[torch.Tensor, State, SessionMemory]:
     """One row (1, T) the way the engine and the workers run it: SessionMemory versions built
-    with the model's compressor, read with to_slots (every slot, ages from the segment read)."""
+    with the model's compressor, read with to_slots (every slot, ages from the segment read);
+    from `state` (None: zeros) -> the logits, the final state and the final memory."""
     cfg = model.config
     S = cfg.segment_len
     versions = [SessionMemory.empty(cfg.d_model, cfg.mem_slots, CAPS, GROUP)]
-    state = None
     logits = []
     for i, seg in enumerate(tokens.split(S, dim=1)):
         mem = versions[max(0, i - lag)]
@@ -42,9 +47,8 @@ def served(model: ByteLM, tokens: torch.Tensor, lag: int) -> torch.Tensor:
                     i, slots, (i * S, (i + 1) * S), lambda h, level: model.compress(h, level)
                 )
             )
-    top = versions[-1].levels[-1]
-    assert top.count == top.capacity  # the top level has merged into itself
-    return torch.cat(logits, dim=1)
+    assert state is not None
+    return torch.cat(logits, dim=1), state, versions[-1]
 
 
 @pytest.mark.parametrize("lag", [0, 1])
@@ -55,7 +59,9 @@ def test_training_reads_what_serving_reads(micro_model: ByteLM, lag: int) -> Non
         got = run_segments(micro_model, tokens, lag=lag, hierarchy=Hierarchy(CAPS, GROUP))
         flat = run_segments(micro_model, tokens, lag=lag)
         for b in range(2):
-            want = served(micro_model, tokens[b : b + 1], lag)
+            want, _, memory = served(micro_model, tokens[b : b + 1], lag)
+            top = memory.levels[-1]
+            assert top.count == top.capacity  # the top level has merged into itself
             torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
     late = slice(10 * S, None)  # once merges began, the hierarchy reads other slots than one level
     assert (got[:, late] - flat[:, late]).abs().max() > 1e-3
@@ -108,6 +114,61 @@ def test_train_loop_draws_drops_from_its_seed(micro_model: ByteLM) -> None:
     assert TrainLoop(copy.deepcopy(micro_model), TrainConfig(segments=4))._drops(4, 8) is None
 
 
+@pytest.mark.parametrize("lag", [0, 1])
+def test_a_passed_state_continues_the_rows(micro_model: ByteLM, lag: int) -> None:
+    """run_segments from a given state reads and returns what a session started in that state
+    reads (its memory empty), and its final state is the one the session ends in."""
+    S = micro_model.config.segment_len
+    gen = torch.Generator().manual_seed(7 + lag)
+    before = torch.randint(0, 256, (2, 3 * S), generator=gen)
+    tokens = torch.randint(0, 256, (2, 6 * S + 3), generator=gen)
+    with torch.no_grad():
+        _, start = run_segments(micro_model, before, want_state=True)
+        got, final = run_segments(
+            micro_model, tokens, lag=lag, hierarchy=Hierarchy(CAPS, GROUP), state=start,
+            want_state=True,
+        )  # fmt: skip
+        fresh = run_segments(micro_model, tokens, lag=lag, hierarchy=Hierarchy(CAPS, GROUP))
+        for b in range(2):
+            row = {k: v[b : b + 1] for k, v in start.items()}
+            want, want_final, _ = served(micro_model, tokens[b : b + 1], lag, row)
+            torch.testing.assert_close(got[b : b + 1], want, rtol=1e-5, atol=1e-5)
+            for k, v in want_final.items():
+                torch.testing.assert_close(final[k][b : b + 1], v, rtol=1e-5, atol=1e-5)
+    assert (got - fresh).abs().max() > 1e-3  # the state changed what the rows saw
+
+
+def test_train_loop_passes_final_states_on(micro_model: ByteLM) -> None:
+    """state_pass 1: each step's rows start where the previous step's ended (detached), and the
+    step's loss is the loss from that state; state_pass 0: from zeros, nothing carried; a change
+    of rows starts from zeros."""
+    S = micro_model.config.segment_len
+    gen = torch.Generator().manual_seed(3)
+    batches = [torch.randint(0, 256, (2, 2 * S + 1), generator=gen) for _ in range(2)]
+    cfg = TrainConfig(seq_len=2 * S, segments=2, warmup=1, state_pass=1.0)
+    loop = TrainLoop(copy.deepcopy(micro_model), cfg)
+    loop.run_step([batches[0]])
+    assert loop.carry is not None and all(not v.requires_grad for v in loop.carry.values())
+    carried = {k: v.clone() for k, v in loop.carry.items()}
+    model = copy.deepcopy(loop.model).train()
+    lag = copy.deepcopy(loop.rng).randint(0, 1)  # the lag the step will draw
+    with torch.no_grad():
+        want = sequence_loss_from(model, batches[1], 2, lag, None, None, None, carried)[0]
+        zeros = sequence_loss_from(model, batches[1], 2, lag, None, None, None, None)[0]
+    got = loop.run_step([batches[1]])
+    assert abs(got - want.item()) < 1e-5 and abs(got - zeros.item()) > 1e-4
+    assert loop._passed(3) is None  # three rows: nothing carried fits them
+    off = TrainLoop(copy.deepcopy(micro_model), TrainConfig(seq_len=2 * S, segments=2))
+    off.run_step([batches[0]])
+    assert off.carry is None and off._passed(2) is None
+    draws = TrainLoop(copy.deepcopy(micro_model), replace(cfg, state_pass=0.5))
+    draws.carry = {"x": torch.ones(400, 3)}
+    passed = draws._passed(400)
+    assert passed is not None and 0.35 < passed["x"][:, 0].mean().item() < 0.65
+    with pytest.raises(ValueError, match="state_pass"):
+        TrainConfig(state_pass=1.5)
+
+
 def test_bad_hierarchies_and_drops_are_refused(micro_model: ByteLM) -> None:
     for levels, group in (((8, 8, 5), 4), ((8,), 3), ((8, 8, 8, 8, 8), 4), ((2, 2), 2)):
         with pytest.raises(ValueError, match=r"capacit|levels"):
@@ -118,8 +179,10 @@ def test_bad_hierarchies_and_drops_are_refused(micro_model: ByteLM) -> None:
 
 def test_cli_flags_reach_the_config() -> None:
     args = build_parser().parse_args(
-        ["train", "--memory-levels", "8,8,8", "--merge-group", "4", "--state-drop", "0.25"]
-    )
+        ["train", "--memory-levels", "8,8,8", "--merge-group", "4", "--state-drop", "0.25",
+         "--state-pass", "0.75"]
+    )  # fmt: skip
     cfg = text_train_config(args)
     assert cfg.hierarchy == Hierarchy(CAPS, GROUP) and cfg.state_drop == 0.25
+    assert cfg.state_pass == 0.75
     assert text_train_config(build_parser().parse_args(["train"])).hierarchy is None
