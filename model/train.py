@@ -49,7 +49,9 @@ class TrainConfig:
     segments: int = 1  # >1: train through memory with run_segments over this many segments
     seed: int = 0  # data order and lag draws
     log_every: int = 25  # steps between log lines
-    time_budget_s: float = 0.0  # >0: stop by then; the schedule is fitted to the measured pace
+    time_budget_s: float = (
+        0.0  # >0: stop by then (after one step at least); schedule fitted to pace
+    )
     grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory)
     compile: str = "auto"  # "blocks": torch.compile each mixing block; "off"; "auto": blocks on GPU
     curriculum: tuple[tuple[float, int, int], ...] = ()  # (from step fraction, seq_len, segments)
@@ -513,19 +515,34 @@ def train(
     t0 = time.perf_counter()
     mark, mark_bytes = t0, 0
     t3 = t0
+    fitted = False
     try:
         for step in range(cfg.steps):
             if step >= loop.horizon:
                 break
             if step == 3:
                 t3 = time.perf_counter()  # the first steps compile: the pace is taken after them
-            if cfg.time_budget_s > 0 and step == cfg.warmup + 5:
-                # Fit the cosine schedule to the steps the rest of the time budget allows at the
-                # measured pace (the ranks' mean, so every rank stops at the same step).
+            if cfg.time_budget_s > 0 and step > 0:
                 now = time.perf_counter()
-                pace = loop.mean_over_ranks((now - t3) / (step - 3))
-                left = int((cfg.time_budget_s - (now - t0)) / pace)
-                loop.horizon = max(step + 1, min(cfg.steps, step + left))
+                # The budget is a hard limit (any rank out of time stops them all): a pace far
+                # slower than the first steps' cannot run past it unsaved.
+                spent = now - t0 >= cfg.time_budget_s
+                if loop.dist.active:
+                    spent = loop.dist.sum([float(spent)])[0] > 0
+                if spent:
+                    break
+                if (
+                    not fitted
+                    and step > 3
+                    and (step >= cfg.warmup + 5 or now - t0 >= 0.1 * cfg.time_budget_s)
+                ):
+                    # Fit the cosine schedule to the steps the rest of the budget allows at the
+                    # measured pace (the ranks' mean, so every rank stops at the same step); early
+                    # when steps are slow, so the decay fits a short run too.
+                    fitted = True
+                    pace = loop.mean_over_ranks((now - t3) / (step - 3))
+                    left = int((cfg.time_budget_s - (now - t0)) / pace)
+                    loop.horizon = max(step + 1, min(cfg.steps, step + left))
             micro = list(_take(batches, cfg.grad_accum))
             ended = len(micro) < cfg.grad_accum
             if loop.dist.active:

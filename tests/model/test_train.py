@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import math
 import re
+import time
+from collections.abc import Iterator
 from pathlib import Path
 
 import pytest
@@ -45,14 +47,36 @@ def test_lr_schedule() -> None:
 
 
 def test_time_budget_ends_training_early() -> None:
-    """A budget spent before the pace is measured ends training right after measuring it."""
+    """A budget spent by the first step ends training after it."""
     torch.manual_seed(0)
     model = ByteLM(ModelConfig.named("tiny"))
     cfg = TrainConfig(
         steps=1000, batch_size=2, seq_len=16, warmup=2, log_every=1, time_budget_s=1e-9
     )
     logs = train(model, pack(file_documents(TEXT, doc_bytes=256), 2, 16), cfg)
-    assert [e.step for e in logs] == list(range(cfg.warmup + 6))
+    assert [e.step for e in logs] == [0]
+
+
+def test_slow_steps_stop_at_the_budget_with_the_schedule_fitted() -> None:
+    """Slow steps: the cosine schedule is fitted to the steps the budget allows (the learning
+    rate ends near its floor, not near its peak as 1,000 steps would leave it), and the run
+    stops at the budget."""
+    torch.manual_seed(0)
+    model = ByteLM(ModelConfig.named("tiny"))
+    cfg = TrainConfig(
+        steps=1000, batch_size=2, seq_len=16, warmup=2, log_every=1, time_budget_s=1.5
+    )
+
+    def slow() -> Iterator[torch.Tensor]:
+        for batch in pack(file_documents(TEXT, doc_bytes=256), 2, 16):
+            time.sleep(0.1)
+            yield batch
+
+    t0 = time.perf_counter()
+    logs = train(model, slow(), cfg)
+    assert 4 < len(logs) < 40  # about 1.5 s of 0.1-s steps; 1,000 without the budget
+    assert logs[-1].lr < 0.5 * cfg.lr
+    assert time.perf_counter() - t0 < 1.5 + 5  # one step past the budget at most, and set-up
 
 
 @pytest.mark.slow
