@@ -5,10 +5,10 @@
 with k and q L2-normalised, a (decay) and b (write strength) from sigmoids. Two forms:
 
 - chunkwise-parallel (training, prefill): within a chunk of C bytes the writes are solved as a
-  unit-lower-triangular system (the WY form), by the system's inverse built from blocks
-  (`unit_lower_inverse`), batched over all chunks; across chunks the state is carried by a scan
-  of two kernels a chunk (`state_scan`, a library op), and the rest is batched again; pure
-  PyTorch, runs on the CPU;
+  unit-lower-triangular system (the WY form), by the system's inverse built from blocks,
+  batched over all chunks; across chunks the state is carried by a loop of matmuls, or (switch
+  CHUNKS) by a scan of two kernels a chunk (`state_scan`, a library op) with the rest batched
+  again; pure PyTorch, runs on the CPU;
 - recurrent (decode): one rank-one update per byte.
 
 Shapes: B batch, T bytes, H heads, C chunk, dk = dv = D / H. The state S is (B, H, dv, dk).
