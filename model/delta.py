@@ -196,7 +196,7 @@ def _scan(S0: Tensor | None, g: Tensor, W: Tensor, K: Tensor) -> tuple[Tensor, T
     S_c W_c is rounded."""
     B, H, n, dv, dk = K.shape
     Sp = K.new_empty(B, H, n, dv, dk)
-    S_end = K[:, :, -1].clone()
+    S_end = K[:, :, -1].clone(memory_format=torch.contiguous_format)  # as the fake kernel says
     Sp[:, :, 1:] = K[:, :, :-1]
     if S0 is None:
         Sp[:, :, 0] = 0
@@ -236,9 +236,11 @@ def _scan_backward(
         R[:, :, c - 1].flatten(0, 1).baddbmm_(
             R[:, :, c].flatten(0, 1), Wt[:, :, c].flatten(0, 1), alpha=-1
         )
-    g_S0 = torch.addcmul(G[:, :, 0], R[:, :, 0], gs[:, :, 0])
+    # contiguous, as the fake kernel says (G, the incoming gradient, may come in any layout,
+    # and addcmul follows it: Inductor on a GPU checks the strides)
+    g_S0 = torch.addcmul(G[:, :, 0], R[:, :, 0], gs[:, :, 0]).contiguous()
     g_S0.flatten(0, 1).baddbmm_(R[:, :, 0].flatten(0, 1), Wt[:, :, 0].flatten(0, 1), alpha=-1)
-    g_W = (Sp.transpose(-1, -2) @ R).neg_()
+    g_W = (Sp.transpose(-1, -2) @ R).neg_().contiguous()
     return g_S0, (Sp * R).sum((-1, -2)), g_W, R
 
 

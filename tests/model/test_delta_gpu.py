@@ -90,7 +90,7 @@ def test_inductor_compiles_the_chunked_form_and_agrees(pair: bool) -> None:
     o_ref, S_ref = delta_rule_recurrent(*ref_in)
     refs = (o_ref, S_ref, *torch.autograd.grad(loss(o_ref, S_ref), ref_in))
     errors = {}
-    with delta.switched(**VARIANTS["scan"], PAIR=pair):
+    with delta.switched(**{**VARIANTS["scan"], "PAIR": pair}):
         compiled = torch.compile(delta_rule_chunked, fullgraph=True)
         for name, fn in (("eager", delta_rule_chunked), ("compiled", compiled)):
             x = inputs(torch.float32, seed=1)
