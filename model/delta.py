@@ -36,15 +36,15 @@ State = dict[str, Tensor]
 SOLVE = "inverse"
 # How the chunked form carries the state across chunks: "loop" (a per-chunk loop of matmuls under
 # autograd) or "scan" (state_scan: the state update as g S - S W + K, one matmul a chunk each way,
-# the rest batched over chunks: a quarter of the ops, but on an H100 training base 3% slower with
-# 6 GB more memory, docs/BENCHMARKS.md, so not the default).
+# the rest batched over chunks: a quarter of the ops, but on an H100 training base about 2% slower
+# with 6 GB more memory, docs/BENCHMARKS.md, so not the default).
 CHUNKS = "loop"
 # Whether the scan pairs chunks up first (_carry: half the sequential steps, two batched matmuls
 # more; under torch.compile about a quarter fewer launches, in eager code about as many ops).
 PAIR = True
 # How the solve inverts: "substitute" (substitution over 16-row blocks, then rounds joined by
-# torch.cat) or "doubling" (unit_lower_inverse from 1 x 1 blocks, in place: fewer ops, but 1-2%
-# slower on an H100, so not the default).
+# torch.cat) or "doubling" (unit_lower_inverse from 1 x 1 blocks, in place: fewer ops, but about
+# 3% slower on an H100, so not the default).
 INVERSE = "substitute"
 
 

@@ -49,9 +49,7 @@ class TrainConfig:
     segments: int = 1  # >1: train through memory with run_segments over this many segments
     seed: int = 0  # data order and lag draws
     log_every: int = 25  # steps between log lines
-    time_budget_s: float = (
-        0.0  # >0: stop by then (after one step at least); schedule fitted to pace
-    )
+    time_budget_s: float = 0.0  # >0: a hard stop (after a step); the schedule fits the pace
     grad_checkpoint: bool = False  # recompute each block's activations in backward (less memory)
     compile: str = "auto"  # "blocks": torch.compile each mixing block; "off"; "auto": blocks on GPU
     curriculum: tuple[tuple[float, int, int], ...] = ()  # (from step fraction, seq_len, segments)
@@ -526,16 +524,16 @@ def train(
                 now = time.perf_counter()
                 # The budget is a hard limit (any rank out of time stops them all): a pace far
                 # slower than the first steps' cannot run past it unsaved.
+                # Both decisions are the ranks' together: a rank that fitted alone would wait
+                # in mean_over_ranks for ranks that did not.
                 spent = now - t0 >= cfg.time_budget_s
+                early = now - t0 >= 0.1 * cfg.time_budget_s
                 if loop.dist.active:
-                    spent = loop.dist.sum([float(spent)])[0] > 0
+                    n_spent, n_early = loop.dist.sum([float(spent), float(early)])
+                    spent, early = n_spent > 0, n_early > 0
                 if spent:
                     break
-                if (
-                    not fitted
-                    and step > 3
-                    and (step >= cfg.warmup + 5 or now - t0 >= 0.1 * cfg.time_budget_s)
-                ):
+                if not fitted and step > 3 and (step >= cfg.warmup + 5 or early):
                     # Fit the cosine schedule to the steps the rest of the budget allows at the
                     # measured pace (the ranks' mean, so every rank stops at the same step); early
                     # when steps are slow, so the decay fits a short run too.
