@@ -344,7 +344,8 @@ def decode_grid(args: argparse.Namespace) -> dict[str, Any]:
                     cuda_graphs=mode != "eager",
                     compile=mode.startswith("compile"),
                     compile_dynamic="-dyn" in mode,
-                    decode_dtype="bfloat16" if mode.endswith("bf16") else "float32",
+                    decode_dtype="bfloat16" if "-bf16" in mode else "float32",
+                    fused_sampler="-torchsampler" not in mode,
                 )
                 runner = Runner(model, cfg)
                 feeds = tuple(
@@ -739,7 +740,8 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument(
         "--modes",
         default="eager,graph",
-        help="decode grid: eager, graph, compile, compile-bf16, compile-dyn, compile-dyn-bf16",
+        help="decode grid: eager, graph, compile, compile-bf16, compile-dyn, compile-dyn-bf16;"
+        " a -torchsampler suffix samples with the torch ops instead of the fused kernel",
     )
     p.add_argument("--steps", type=int, default=50, help="decode grid: timed steps per point")
     p.add_argument("--memory", action="store_true", help="decode step time with memory on vs off")

@@ -26,6 +26,9 @@ class EngineConfig:
     # instead of once per bucket: a start in seconds, not minutes, at many buckets.
     compile_dynamic: bool = False
     decode_dtype: str = "float32"  # matmul weights of the fused GPU decode: float32 or bfloat16
+    # Sample a decode step in one Triton kernel on a GPU (False: the torch sampler, compiled
+    # with the step when `compile` is on)
+    fused_sampler: bool = True
     threaded_steps: bool = True  # run each step in a worker thread so the event loop stays live
     # Launch step k+1 before collecting step k (None: on a GPU, where the host then plans while
     # the device computes; on a CPU the step computes as it launches, so it gains nothing there)

@@ -39,7 +39,7 @@ from engine.graphs import DecodeGraphs
 from engine.sampling import sample
 from engine.scheduler import Feed, StepPlan
 from engine.types import SamplingParams
-from model import ByteLM, MemorySlots, age_bucket
+from model import ByteLM, MemorySlots, age_bucket, kernels
 from model.decode_cache import build_decode_cache, refresh_decode_cache
 from model.lm import ReadBlock
 
@@ -167,6 +167,8 @@ class Runner:
                 )
                 for persistent in (True, False)
             )
+        if cfg.fused_sampler and kernels.available(self.last_ids):
+            self._sample_fns = (self._fused_sample,)  # one Triton kernel, any batch size
         self._decode_fn = self._decode_rows  # graphs are captured by DecodeGraphs
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.graphs = DecodeGraphs(self._decode_rows, cfg.buckets, self.scratch, dev)
@@ -328,6 +330,21 @@ class Runner:
         self.counter.index_add_(0, slots, flag & 1)
         self.last_ids.index_copy_(0, slots, out)
         return out
+
+    def _fused_sample(self, logits: Tensor, slots: Tensor, flag: Tensor) -> Tensor:
+        """_decode_sample as one kernel: the gathers, the sampler and the writes."""
+        return kernels.sample_step(
+            logits,
+            slots,
+            flag,
+            self.temperature,
+            self.top_k,
+            self.top_p,
+            self.seed,
+            self.counter,
+            self.no_eos,
+            self.last_ids,
+        )
 
     def _rows(
         self,

@@ -5,6 +5,9 @@ Randomness is counter-based: the noise for a row depends only on (session seed, 
 the session has sampled, byte value), never on which other sessions share the batch, so batching
 changes nothing a user can see.
 
+`model.kernels.sample_step` is the same sampler as one Triton kernel on a GPU (the runner's
+decode step takes it there).
+
 Shapes: n rows (sessions sampling this step), V vocabulary.
 """
 

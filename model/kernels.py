@@ -5,7 +5,10 @@ and output projections, updating the state pool in place.
   s = lambda s + u, y = Re(R . s), and the gate x2 * (y + skip u);
 - delta_step: the short conv of q, k, v, SiLU, L2-normalised q and k, the decay and write
   strength (sigmoids of their logits), the gated delta rule S = a S + b (v - a S k) k^T,
-  o = S q, the per-head RMSNorm and the SiLU output gate.
+  o = S q, the per-head RMSNorm and the SiLU output gate;
+- sample_step: a decode step's sampling (engine.sampling.sample: bans, temperature, top-k,
+  top-p, the counter-based Gumbel noise) with each row's parameters gathered from its slot and
+  the slot's sample counter and last id written back, one program per row.
 
 Each program reads one slot's states straight from the pool (indexed by the slot tensor) and
 writes them back once: one read and one write of the state per step, and one kernel per mixer
@@ -320,3 +323,106 @@ if HAVE_TRITON:
             num_warps=TUNING["delta_warps"],
         )  # fmt: skip
         return o
+
+
+if HAVE_TRITON:
+
+    @triton.jit
+    def _mix32_tl(x):
+        """engine.sampling._mix32 on int64 values in [0, 2^32): the same wrapping products."""
+        x = x ^ (x >> 16)
+        x = (x * 0x85EBCA6B) & 0xFFFFFFFF
+        x = x ^ (x >> 13)
+        x = (x * 0xC2B2AE35) & 0xFFFFFFFF
+        return x ^ (x >> 16)
+
+    @triton.jit
+    def _sample_kernel(
+        logits_ptr,
+        stride,
+        slots_ptr,
+        flag_ptr,
+        temp_ptr,
+        topk_ptr,
+        topp_ptr,
+        seed_ptr,
+        counter_ptr,
+        noeos_ptr,
+        out_ptr,
+        last_ptr,
+        V,
+        VP: tl.constexpr,
+    ):
+        """One row per program: engine.sampling.sample, then the step's counter and last-id writes.
+
+        Top-k and top-p keep a prefix of the sorted logits, so the kept set is every logit at or
+        above the prefix's last value: one sort of the values, no indices."""
+        r = tl.program_id(0)
+        slot = tl.load(slots_ptr + r).to(tl.int64)
+        v = tl.arange(0, VP)
+        x = tl.load(logits_ptr + r * stride + v, mask=v < V, other=float("-inf")).to(tl.float32)
+        no_eos = tl.load(noeos_ptr + slot).to(tl.int32)
+        banned = (v >= V) | (v == 256) | (v >= 258) | ((v == 257) & (no_eos != 0))
+        x = tl.where(banned, float("-inf"), x)
+        temp = tl.load(temp_ptr + slot)
+        greedy = temp <= 0
+        xs = x / tl.where(greedy, 1.0, temp)
+        srt = tl.sort(xs, descending=True)
+        p = tl.exp(srt - tl.max(srt, axis=0))
+        p = p / tl.sum(p, axis=0)
+        excl = tl.cumsum(p, axis=0) - p
+        k = tl.load(topk_ptr + slot)
+        keep = (excl < tl.load(topp_ptr + slot)) & ((k == 0) | (v < k))
+        floor = tl.min(tl.where(keep, srt, float("inf")), axis=0)
+        counter = tl.load(counter_ptr + slot)
+        h = _mix32_tl((tl.load(seed_ptr + slot) & 0xFFFFFFFF) ^ 0x9E3779B9)
+        h = _mix32_tl((h + (counter & 0xFFFFFFFF) * 0x632BE5AB) & 0xFFFFFFFF)
+        h = _mix32_tl((h ^ ((v.to(tl.int64) * 0x27D4EB2F) & 0xFFFFFFFF)) & 0xFFFFFFFF)
+        u = ((h >> 9).to(tl.float32) + 0.5) * (1.0 / 8388608.0)
+        score = tl.where((xs >= floor) & ~banned, xs - tl.log(-tl.log(u)), float("-inf"))
+        out = tl.where(greedy, tl.argmax(x, axis=0), tl.argmax(score, axis=0)).to(tl.int64)
+        tl.store(out_ptr + r, out)
+        tl.store(last_ptr + slot, out)
+        tl.store(counter_ptr + slot, counter + (tl.load(flag_ptr + r) & 1))
+
+
+def sample_step(
+    logits: Tensor,
+    slots: Tensor,
+    flag: Tensor,
+    temperature: Tensor,
+    top_k: Tensor,
+    top_p: Tensor,
+    seed: Tensor,
+    counter: Tensor,
+    no_eos: Tensor,
+    last_ids: Tensor,
+) -> Tensor:
+    """One kernel for a decode step's sampling: logits (n, V) of rows reading pool slots (n,)
+    -> ids (n,), as engine.sampling.sample with each slot's parameters (temperature ... no_eos,
+    pool-sized),
+    and the writes the step makes: counter[slot] += flag & 1, last_ids[slot] = id.
+
+    Rows must name distinct slots, but for a scratch slot whose counter and last id mean nothing.
+    Equal to `sample` but where two logits tie at the top-k/top-p edge (this keeps both)."""
+    n, vocab = logits.shape
+    logits = logits if logits.stride(-1) == 1 else logits.contiguous()
+    out = torch.empty(n, dtype=torch.long, device=logits.device)
+    _sample_kernel[(n,)](
+        logits,
+        logits.stride(0),
+        slots,
+        flag,
+        temperature,
+        top_k,
+        top_p,
+        seed,
+        counter,
+        no_eos,
+        out,
+        last_ids,
+        vocab,
+        VP=triton.next_power_of_2(vocab),
+        num_warps=4,
+    )
+    return out
