@@ -9,8 +9,11 @@ same block without it (the long convolution's output replaced by zeros). With th
 of the config's layout, the parts add up to an estimate of the model's step without the
 embedding, head, loss and optimizer, printed beside them.
 
+`--long-conv fft,chunked,chunked-bf16` times the Hyena parts again for each path of
+`model.hyena.LONG_CONV`.
+
 Prints a table and, with --json, writes {"config", "rows", "seq", "device", "gpu", "torch",
-"compile", "parts": [{"part", "ms", "count", "peak_GB"}], "estimate_ms"}.
+"compile", "long_conv", "parts": [{"part", "ms", "count", "peak_GB"}], "estimate_ms"}.
 """
 
 from __future__ import annotations
@@ -28,7 +31,7 @@ from typing import Any
 import torch
 from torch import Tensor, nn
 
-from model import ModelConfig
+from model import ModelConfig, hyena
 from model.hyena import HyenaMixer
 from model.layers import RMSNorm
 from model.lm import MixBlock
@@ -128,6 +131,13 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--compile", choices=("blocks", "off"), default="blocks")
     p.add_argument("--steps", type=int, default=5)
     p.add_argument("--warmup", type=int, default=2)
+    p.add_argument(
+        "--long-conv",
+        default="fft",
+        help="Hyena's long convolution paths, comma-separated: fft, chunked, chunked-bf16"
+        " (model.hyena.LONG_CONV, CHUNKED_DTYPE); the first for every part, the others for the"
+        " Hyena block and the long convolution again",
+    )
     p.add_argument("--json", type=Path)
     args = p.parse_args(argv)
     dev = args.device
@@ -148,10 +158,21 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         ("delta mixer", Mixer(db), 0, cfg.d_model),
         ("SwiGLU MLP", MLP(cfg, hb), 0, cfg.d_model),
     ]
+    # Each --long-conv path again for the parts that hold the long convolution.
+    variants = args.long_conv.split(",")
+    for variant in variants[1:]:
+        parts += [
+            (f"hyena block, {variant}", Block(hb), 0, cfg.d_model),
+            (f"hyena long conv, {variant}", LongConv(hb.mixer), 0, cfg.d_model),
+        ]
     rows = []
     print(f"{args.config}: {args.rows} x {args.seq} x {cfg.d_model}, {dev}, compile {args.compile}")
     print(f"{'part':<36} {'ms':>8} {'count':>6} {'peak GB':>8}")
     for name, mod, count, width in parts:
+        variant = name.split(", ")[1] if ", " in name else variants[0]
+        hyena.LONG_CONV = "fft" if variant == "fft" else "chunked"
+        hyena.CHUNKED_DTYPE = "bfloat16" if variant.endswith("bf16") else "float32"
+        torch._dynamo.reset()  # the switches are read when a block is traced
         fn: Callable[[Tensor], Tensor] = mod
         if args.compile == "blocks":
             fn = torch.compile(mod)
@@ -178,6 +199,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
         "gpu": torch.cuda.get_device_name() if dev == "cuda" else platform.processor(),
         "torch": torch.__version__,
         "compile": args.compile,
+        "long_conv": args.long_conv,
         "date": datetime.date.today().isoformat(),
         "parts": rows,
         "estimate_ms": estimate,

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import argparse
 import datetime
+import itertools
 import json
 import platform
 import time
@@ -24,7 +25,7 @@ from typing import Any
 import torch
 
 from benchmarks.delta_ops import VARIANTS
-from model import ByteLM, ModelConfig, delta
+from model import ByteLM, ModelConfig, delta, hyena
 from model.train import TrainConfig, TrainLoop
 
 
@@ -121,6 +122,11 @@ def main() -> None:
         default="loop",
         help=f"paths of the chunked delta rule to time in turn, a comma list of {', '.join(VARIANTS)}",
     )
+    p.add_argument(
+        "--long-conv",
+        default="fft",
+        help="Hyena's long convolution paths to time in turn: fft, chunked, chunked-bf16",
+    )
     args = p.parse_args()
     config = ModelConfig.named(args.config)
     choice = {"off": [False], "on": [True], "both": [False, True]}
@@ -132,15 +138,19 @@ def main() -> None:
         with delta.switched(**VARIANTS[variants[0]]):
             profile(config, *point(args.grid.split(",")[0]), args.device)
     head = (
-        f"{'rows':>5} {'seq':>6} {'segs':>4} {'ckpt':>4} {'comp':>6} {'delta':>10} {'bytes/s':>12}"
+        f"{'rows':>5} {'seq':>6} {'segs':>4} {'ckpt':>4} {'comp':>6} {'delta':>10}"
+        f" {'long conv':>12} {'bytes/s':>12}"
     )
     print(head + f" {'MFU':>6} {'step ms':>8} {'mem GB':>7} {'warm s':>7}", flush=True)
     for spec in filter(None, args.grid.split(",")):
         rows, seq, segs = point(spec)
         for ck in choice[args.checkpointing]:
             for comp in args.compile.split(","):
-                for variant in variants:
+                for variant, conv in itertools.product(variants, args.long_conv.split(",")):
                     where = f"{rows:>5} {seq:>6} {segs:>4} {ck!s:>4} {comp:>6} {variant:>10}"
+                    where += f" {conv:>12}"
+                    hyena.LONG_CONV = "fft" if conv == "fft" else "chunked"
+                    hyena.CHUNKED_DTYPE = "bfloat16" if conv.endswith("bf16") else "float32"
                     try:
                         with delta.switched(**VARIANTS[variant]):
                             r = measure(
@@ -152,7 +162,7 @@ def main() -> None:
                         print(f"{where} out of memory")
                         torch.cuda.empty_cache()
                         continue
-                    results.append({**r, "delta": variant})
+                    results.append({**r, "delta": variant, "long_conv": conv})
                     print(
                         f"{where} {r['bytes_per_s']:>12,.0f} {100 * r['mfu']:>5.1f}%"
                         f" {r['step_ms']:>8.1f} {r['peak_mem_gb']:>7.1f} {r['warmup_s']:>7.1f}",

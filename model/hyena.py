@@ -4,8 +4,10 @@ Each channel d has a causal filter h_d(t) = Re sum_n R_{d,n} lambda_{d,n}^t, |la
 poles and residues come from a small filter network over learned per-channel features. The same
 function is computed two ways:
 
-- parallel (training, prefill): materialise h over the chunk and convolve by FFT, O(T log T),
-  plus the contribution of the incoming modal state;
+- parallel (training, prefill): by chunks of CHUNK bytes, a Toeplitz matrix of h within each
+  chunk and the modal state carried across chunks, as batched matmuls (chunked_modal_conv; or,
+  switch LONG_CONV, h materialised over the piece and convolved by FFT, O(T log T)), plus the
+  contribution of the incoming modal state;
 - recurrent (decode): s_t = lambda * s_{t-1} + u_t, y_t = Re(R . s_t), O(1) per byte.
 
 The filter is defined for every t >= 0: there is no maximum length and no position table.
@@ -27,6 +29,15 @@ from model.config import ModelConfig
 from model.layers import RMSNorm, ShortConv, linear, project
 
 State = dict[str, Tensor]
+
+# How the parallel form computes the long convolution: "fft" (h over the whole piece, convolved
+# by FFT, float32) or "chunked" (the modal form by chunks of CHUNK bytes: a Toeplitz matrix of h
+# within each chunk and the modal state carried across chunks, all as batched matmuls; pieces
+# whose length is not a multiple of CHUNK take the FFT). CHUNKED_DTYPE: what those matmuls read,
+# "float32" (TF32 on a GPU where allowed) or "bfloat16" (the carried state stays float32).
+LONG_CONV = "chunked"
+CHUNK = 64
+CHUNKED_DTYPE = "float32"
 
 
 class ModalFilter(nn.Module):
@@ -73,6 +84,77 @@ def modal_powers(log_mag: Tensor, theta: Tensor, length: int) -> tuple[Tensor, T
     phase = torch.remainder(theta.double().unsqueeze(-1) * t, 2 * math.pi).to(log_mag.dtype)
     mag = torch.exp(log_mag.double().unsqueeze(-1) * t).to(log_mag.dtype)
     return mag * torch.cos(phase), mag * torch.sin(phase)
+
+
+def modal_powers_strided(
+    log_mag: Tensor, theta: Tensor, length: int, stride: int
+) -> tuple[Tensor, Tensor]:
+    """lambda^(stride k) for k = 0..length-1 -> re, im each (D, N, length), formed as
+    modal_powers forms them (phase in float64, reduced mod 2 pi)."""
+    k = torch.arange(length, device=log_mag.device, dtype=torch.float64) * stride
+    phase = torch.remainder(theta.double().unsqueeze(-1) * k, 2 * math.pi).to(log_mag.dtype)
+    mag = torch.exp(log_mag.double().unsqueeze(-1) * k).to(log_mag.dtype)
+    return mag * torch.cos(phase), mag * torch.sin(phase)
+
+
+def chunked_modal_conv(
+    u: Tensor,
+    log_mag: Tensor,
+    theta: Tensor,
+    r_re: Tensor,
+    r_im: Tensor,
+    state: State | None,
+    want_state: bool,
+    chunk: int,
+) -> tuple[Tensor, State]:
+    """The long convolution of HyenaMixer._long_conv by chunks: u (B, D, T), T a multiple of
+    chunk -> (B, D, T) and the new modal state, the same function as the FFT path.
+
+    With C = chunk and n = T / C chunks, per channel: within a chunk y = Hc u, Hc the (C, C)
+    lower-triangular Toeplitz matrix of h_0..h_{C-1}; each chunk's input adds e_c = sum_j
+    lambda^{C-1-j} u_{c,j} to the modal state, carried as s_{c+1} = lambda^C s_c + e_c (in closed
+    form: a lower-triangular (n + 1, n) matrix of powers of lambda^C, complex); the state at a
+    chunk's start adds Re(R lambda^{i+1} s_c) at its i-th byte. Only lambda^0..lambda^C and the
+    powers of lambda^C are formed, not h over all of T."""
+    B, D, T = u.shape
+    C = chunk
+    n = T // C
+    N = log_mag.shape[-1]
+    dt = torch.bfloat16 if CHUNKED_DTYPE == "bfloat16" else u.dtype
+    p_re, p_im = modal_powers(log_mag, theta, C + 1)  # lambda^0..lambda^C, (D, N, C + 1)
+    h = torch.einsum("dn,dnt->dt", r_re, p_re[..., :C]) - torch.einsum(
+        "dn,dnt->dt", r_im, p_im[..., :C]
+    )
+    i = torch.arange(C, device=u.device)
+    lag = i.unsqueeze(1) - i.unsqueeze(0)  # (C, C): i - j
+    Hc = torch.where(lag >= 0, h[:, lag.clamp(min=0)], 0.0)  # (D, C, C)
+    uc = u.reshape(B, D, n, C)
+    y = torch.einsum("dij,bdcj->bdci", Hc.to(dt), uc.to(dt)).to(u.dtype)
+    # e_c, re and im side by side: (B, D, n, 2N)
+    rev = torch.cat([p_re[..., :C].flip(-1), p_im[..., :C].flip(-1)], 1)  # (D, 2N, C)
+    e = torch.einsum("dkj,bdcj->bdck", rev.to(dt), uc.to(dt)).to(u.dtype)
+    e_re, e_im = e[..., :N], e[..., N:]
+    # s_c = sum_{c' < c} (lambda^C)^{c - 1 - c'} e_c' (+ (lambda^C)^c s0), c = 0..n
+    L_re, L_im = modal_powers_strided(log_mag, theta, n + 1, C)  # (D, N, n + 1)
+    c = torch.arange(n + 1, device=u.device)
+    gap = c.unsqueeze(1) - 1 - c[:n].unsqueeze(0)  # (n + 1, n): c - 1 - c'
+    M_re = torch.where(gap >= 0, L_re[..., gap.clamp(min=0)], 0.0)  # (D, N, n + 1, n)
+    M_im = torch.where(gap >= 0, L_im[..., gap.clamp(min=0)], 0.0)
+    s_re = torch.einsum("dncq,bdqn->bdcn", M_re, e_re) - torch.einsum("dncq,bdqn->bdcn", M_im, e_im)
+    s_im = torch.einsum("dncq,bdqn->bdcn", M_re, e_im) + torch.einsum("dncq,bdqn->bdcn", M_im, e_re)
+    if state is not None:
+        s0_re, s0_im = state["s_re"].unsqueeze(2), state["s_im"].unsqueeze(2)  # (B, D, 1, N)
+        Lt_re, Lt_im = L_re.transpose(1, 2), L_im.transpose(1, 2)  # (D, n + 1, N)
+        s_re = s_re + Lt_re * s0_re - Lt_im * s0_im
+        s_im = s_im + Lt_re * s0_im + Lt_im * s0_re
+    # Re(R lambda^{i+1} s_c) = sum_n G_re s_re - G_im s_im, G = R lambda^{i+1}, (D, N, C)
+    g_re = r_re.unsqueeze(-1) * p_re[..., 1:] - r_im.unsqueeze(-1) * p_im[..., 1:]
+    g_im = r_re.unsqueeze(-1) * p_im[..., 1:] + r_im.unsqueeze(-1) * p_re[..., 1:]
+    G = torch.cat([g_re, -g_im], 1)  # (D, 2N, C)
+    S = torch.cat([s_re[:, :, :n], s_im[:, :, :n]], -1)  # (B, D, n, 2N)
+    y = y + torch.einsum("dki,bdck->bdci", G.to(dt), S.to(dt)).to(u.dtype)
+    new: State = {"s_re": s_re[:, :, n], "s_im": s_im[:, :, n]} if want_state else {}
+    return y.reshape(B, D, T), new
 
 
 def fft_causal_conv(u: Tensor, h: Tensor) -> Tensor:
@@ -126,6 +208,8 @@ class HyenaMixer(nn.Module):
         """u (B, D, T) -> h conv u plus the incoming state's part (B, D, T), and the new state."""
         T = u.shape[-1]
         log_mag, theta, r_re, r_im = self.filter()
+        if LONG_CONV == "chunked" and T % CHUNK == 0:
+            return chunked_modal_conv(u, log_mag, theta, r_re, r_im, state, want_state, CHUNK)
         p_re, p_im = modal_powers(log_mag, theta, T + 1)  # (D, N, T+1)
         h = torch.einsum("dn,dnt->dt", r_re, p_re[..., :T]) - torch.einsum(
             "dn,dnt->dt", r_im, p_im[..., :T]
