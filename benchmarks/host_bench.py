@@ -99,21 +99,35 @@ def main(argv: list[str] | None = None) -> int:
     p.add_argument(
         "--gc", choices=["default", "serving"], default="serving", help="collector settings"
     )
+    p.add_argument(
+        "--loop",
+        choices=["asyncio", "uvloop"],
+        default="uvloop",
+        help="event loop (`bwr up` serves on uvloop; --no-uvloop on asyncio's own)",
+    )
     p.add_argument("--json", default=None)
     args = p.parse_args(argv)
+    factory = None
+    if args.loop == "uvloop":
+        import uvloop
+
+        factory = uvloop.new_event_loop
     torch.manual_seed(0)
     model = ByteLM(ModelConfig.named("tiny")).eval()  # built, never run: execute is replaced
     if args.gc == "serving":  # what `bwr up` does once its model is loaded
         from engine.gctune import tune_for_serving
 
         tune_for_serving()
-    print(f"garbage collector: {args.gc}")
+    print(f"garbage collector: {args.gc}, event loop: {args.loop}")
     rows = []
     head = f"{'sessions':>8} {'interval':>8} {'ms/step':>8} {'sched':>7} {'emit':>7} {'other':>7}"
     print(head + f" {'consumers':>9} {'wakes/sess':>10} {'bytes/s':>12}")
     for n in (int(x) for x in args.sessions.split(",")):
         for interval in (int(x) for x in args.intervals.split(",")):
-            runs = [asyncio.run(_run(model, n, args.bytes, interval)) for _ in range(args.repeat)]
+            runs = []
+            for _ in range(args.repeat):
+                with asyncio.Runner(loop_factory=factory) as runner:
+                    runs.append(runner.run(_run(model, n, args.bytes, interval)))
             r = sorted(runs, key=lambda x: x["ms_per_step"])[len(runs) // 2]  # the median run
             r["ms_per_step_runs"] = [x["ms_per_step"] for x in runs]
             rows.append(r)
@@ -128,6 +142,7 @@ def main(argv: list[str] | None = None) -> int:
             "bench": "engine_host",
             "machine": platform.processor() or platform.machine(),
             "python": platform.python_version(),
+            "loop": args.loop,
             "date": time.strftime("%Y-%m-%d"),
             "gc": args.gc,
             "rows": rows,
