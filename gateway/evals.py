@@ -29,6 +29,7 @@ import anyio
 import torch
 
 from engine import Busy, Delta, Done, Engine, EngineConfig, SamplingParams, Session
+from engine.engine import MemoryHooks, MemoryUpdate
 from gateway.natsd import NatsServer, NatsServerError
 from gateway.persistence import MemoryPlugin
 from memory.config import MemoryConfig, parse_levels
@@ -115,18 +116,39 @@ async def _answer(session: Session, prompt: bytes, n: int) -> bytes:
     return bytes(out)
 
 
-async def _closed(engine: Engine, sid: str, since: int, want: int, timeout: float) -> int:
-    """Until the engine has read the session's input and closed `want` segments since the count
-    `since` (the scheduler counts bytes as fed when it plans a step, segments close when the step
-    ran) -> segments closed. Bounded by timeout s."""
+class CountingHooks:
+    """The memory plugin's hooks, counting each session's closed segments as the engine hands
+    them over (cases run at once share the engine's totals)."""
+
+    def __init__(self, inner: MemoryHooks) -> None:
+        self.inner = inner
+        self.closed: dict[str, int] = {}
+
+    def segment_closed(self, session: str, index: int, start: int, hidden: torch.Tensor) -> None:
+        self.closed[session] = self.closed.get(session, 0) + 1
+        self.inner.segment_closed(session, index, start, hidden)
+
+    def take_updates(self) -> list[MemoryUpdate]:
+        return self.inner.take_updates()
+
+    def forget(self, session: str) -> None:
+        self.closed.pop(session, None)
+        self.inner.forget(session)
+
+
+async def _closed(
+    engine: Engine, counts: CountingHooks, sid: str, want: int, timeout: float
+) -> int:
+    """Until the engine has read the session's input and closed `want` of its segments (the
+    scheduler counts bytes as fed when it plans a step, segments close when the step ran) ->
+    segments closed. Bounded by timeout s."""
     deadline = time.perf_counter() + timeout
     while time.perf_counter() < deadline:
         seq = engine.scheduler.seqs.get(sid)
-        done = engine.metrics.segments_closed - since
-        if seq is None or (not seq.pending and done >= want):
-            return done
+        if seq is None or (not seq.pending and counts.closed.get(sid, 0) >= want):
+            break
         await asyncio.sleep(POLL_S)
-    return engine.metrics.segments_closed - since
+    return counts.closed.get(sid, 0)
 
 
 async def caught_up(engine: Engine, plugin: MemoryPlugin, sid: str, closed: int) -> bool:
@@ -159,19 +181,21 @@ async def run_case(
     cell: Cell,
     plugin: MemoryPlugin | None = None,
     settle_s: float = 60.0,
+    counts: CountingHooks | None = None,
 ) -> list[tuple[bytes, bytes]]:
-    """(want, got) per turn of one case, in a fresh session; memory figures go into cell."""
+    """(want, got) per turn of one case, in a fresh session; memory figures go into cell. With
+    the plugin, counts are the hooks the engine was given."""
     session = engine.open(binary=True)
     sid = session.id
     try:
         first, want0 = case.turns[0]
         context, question = first[: case.question_at], first[case.question_at :]
         t0 = time.perf_counter()
-        closed0 = engine.metrics.segments_closed  # one session runs at a time
         await _feed(session, context, None)
         if plugin is not None:
+            assert counts is not None
             want = len(context) // engine.model.config.segment_len
-            closed = await _closed(engine, sid, closed0, want, settle_s)
+            closed = await _closed(engine, counts, sid, want, settle_s)
             elapsed = time.perf_counter() - t0
             waited, ok = await settle(engine, plugin, sid, closed, settle_s)
             ok = ok and closed >= want
@@ -212,24 +236,31 @@ async def _sweep(
     seed: int,
     settle_s: float,
     task_args: dict[str, Any],
+    concurrency: int = 1,
+    counts: CountingHooks | None = None,
 ) -> list[Cell]:
+    """Every case of every cell, up to `concurrency` sessions at once (each case its own
+    session; the engine batches their steps), scored in case order."""
     gen = TASKS[task]
-    cells = []
-    for length in lengths:
-        for depth in depths:
-            cell = Cell(length, depth)
-            for i in range(n):
-                case = gen(length, depth, seed + i, **task_args)
-                scored = await run_case(engine, case, cell, plugin, settle_s)
-                cell.bytes_in += sum(len(p) for p, _ in case.turns)
-                for want, got in scored:
-                    cell.turns += 1
-                    cell.correct += want == got
-                    if len(cell.samples) < 3:
-                        cell.samples.append(
-                            {"want": want.decode("latin-1"), "got": got.decode("latin-1")}
-                        )
-            cells.append(cell)
+    cells = [Cell(length, depth) for length in lengths for depth in depths]
+    jobs = [(cell, i) for cell in cells for i in range(n)]
+    scores: list[list[tuple[bytes, bytes]]] = [[] for _ in jobs]
+    slots = asyncio.Semaphore(concurrency)
+
+    async def one(k: int) -> None:
+        cell, i = jobs[k]
+        async with slots:
+            case = gen(cell.length, cell.depth, seed + i, **task_args)
+            scores[k] = await run_case(engine, case, cell, plugin, settle_s, counts)
+            cell.bytes_in += sum(len(p) for p, _ in case.turns)
+
+    await asyncio.gather(*(one(k) for k in range(len(jobs))))
+    for (cell, _), scored in zip(jobs, scores, strict=True):
+        for want, got in scored:
+            cell.turns += 1
+            cell.correct += want == got
+            if len(cell.samples) < 3:
+                cell.samples.append({"want": want.decode("latin-1"), "got": got.decode("latin-1")})
     return cells
 
 
@@ -247,15 +278,18 @@ async def evaluate(
     settle_s: float = 60.0,
     model_name: str = "",
     memory_config: MemoryConfig | None = None,
+    concurrency: int = 1,
     **task_args: Any,
 ) -> Report:
-    """Every (length, depth) cell over n seeded cases, one session at a time. With nats_url the
-    memory system runs as under `bwr up`; without it, memory is off (the ablation)."""
-    cfg = EngineConfig(max_slots=1, device=device, memory_capacity=0, idle_wait_s=0.005)
+    """Every (length, depth) cell over n seeded cases, `concurrency` sessions at a time. With
+    nats_url the memory system runs as under `bwr up`; without it, memory is off (the
+    ablation)."""
+    k = concurrency
+    cfg = EngineConfig(max_slots=k, device=device, memory_capacity=0, idle_wait_s=0.005)
     state = model.state_bytes_per_row()
     if nats_url is None:
         async with Engine(model, cfg) as engine:
-            cells = await _sweep(engine, None, task, lengths, depths, n, seed, 0.0, task_args)
+            cells = await _sweep(engine, None, task, lengths, depths, n, seed, 0.0, task_args, k)
         return Report(task, model_name, False, 0, state, cells, task_args=task_args)
     with tempfile.TemporaryDirectory(prefix="bwr-eval-") as data_dir:
         mc = memory_config or MemoryConfig()
@@ -263,16 +297,18 @@ async def evaluate(
         try:
             hooks = await plugin.connect()
             cfg = EngineConfig(
-                max_slots=1, device=device, memory_capacity=plugin.capacity, idle_wait_s=0.005
+                max_slots=k, device=device, memory_capacity=plugin.capacity, idle_wait_s=0.005
             )
-            engine = Engine(model, cfg, hooks=hooks)
+            counts = CountingHooks(hooks)
+            engine = Engine(model, cfg, hooks=counts)
             await engine.start()
             try:
                 async with anyio.create_task_group() as tg:
                     await tg.start(plugin.run, engine)
                     cells = await _sweep(
-                        engine, plugin, task, lengths, depths, n, seed, settle_s, task_args
-                    )
+                        engine, plugin, task, lengths, depths, n, seed, settle_s, task_args,
+                        k, counts,
+                    )  # fmt: skip
                     tg.cancel_scope.cancel()
             finally:
                 with anyio.CancelScope(shield=True):
@@ -333,6 +369,8 @@ def run(args: argparse.Namespace) -> int:
         extra = task_args(args)
         levels = parse_levels(args.memory_levels)
         memory_config = MemoryConfig.hierarchy(levels, args.merge_group)
+        if args.concurrency < 1:
+            raise ValueError(f"--concurrency {args.concurrency}: want >= 1")
     except ValueError as e:
         print(f"bwr eval: {e}", file=sys.stderr)
         return 2
@@ -363,6 +401,7 @@ def run(args: argparse.Namespace) -> int:
                 settle_s=args.settle,
                 model_name=args.model,
                 memory_config=memory_config,
+                concurrency=args.concurrency,
                 **extra,
             )
         )

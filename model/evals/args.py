@@ -29,6 +29,12 @@ def add_arguments(p: argparse.ArgumentParser) -> None:
     p.add_argument("--memory-workers", type=int, default=2, help="consolidation workers")
     add_hierarchy_arguments(p)
     p.add_argument(
+        "--concurrency",
+        type=int,
+        default=1,
+        help="cases run at once, each its own session (the engine batches their steps)",
+    )
+    p.add_argument(
         "--settle",
         type=float,
         default=60.0,

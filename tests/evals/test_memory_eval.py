@@ -111,3 +111,35 @@ def test_bad_hierarchies_are_refused_before_anything_runs(
     assert main([*args, "--memory-levels", "8,8,6", "--merge-group", "8"]) == 2
     assert main([*args, "--memory-levels", "8,8,8,8,8"]) == 2  # tiny embeds four levels
     assert "--memory-levels" in capsys.readouterr().err
+
+
+async def test_cases_run_at_once_score_as_one_at_a_time(
+    nats_server: NatsServer, tiny_model: ByteLM
+) -> None:
+    """--concurrency: the cases share the engine's steps and the bus, and every case consolidates
+    as it does alone (each session's segments counted as its own); with memory off each answers
+    byte for byte as alone. (With memory on, the question's last byte closes a segment at these
+    lengths, and whether the answer's later bytes read its version depends on when consolidation
+    finishes, alone or not: those bytes are not compared.)"""
+    runs = {}
+    for k in (1, 3):
+        for url in (None, nats_server.url):
+            runs[k, url] = await evaluate(
+                tiny_model, "passkey", [LENGTH, 384], [0.3, 0.7], 2, nats_url=url,
+                settle_s=30.0, concurrency=k,
+            )  # fmt: skip
+    for url in (None, nats_server.url):
+        one, many = runs[1, url].cells, runs[3, url].cells
+        assert [(c.length, c.depth) for c in many] == [(c.length, c.depth) for c in one]
+        for a, b in zip(one, many, strict=True):
+            assert (b.turns, b.bytes_in) == (a.turns, a.bytes_in)
+            if url is None:
+                assert (b.correct, b.samples) == (a.correct, a.samples)
+            segments = 2 * ((b.length - 39) // 128) if url else 0
+            assert b.segments == a.segments == segments and b.settle_timeouts == 0
+
+
+def test_concurrency_below_one_is_refused(capsys: pytest.CaptureFixture[str]) -> None:
+    args = ["eval", "passkey", "--model", "tiny", "--lengths", "256", "--n", "1"]
+    assert main([*args, "--concurrency", "0", "--no-memory"]) == 2
+    assert "--concurrency 0" in capsys.readouterr().err
