@@ -133,7 +133,7 @@ def main(argv: list[str] | None = None) -> dict[str, Any]:
     p.add_argument("--warmup", type=int, default=2)
     p.add_argument(
         "--long-conv",
-        default="fft",
+        default=hyena.LONG_CONV,
         help="Hyena's long convolution paths, comma-separated: fft, chunked, chunked-bf16"
         " (model.hyena.LONG_CONV, CHUNKED_DTYPE); the first for every part, the others for the"
         " Hyena block and the long convolution again",

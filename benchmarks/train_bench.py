@@ -124,7 +124,7 @@ def main() -> None:
     )
     p.add_argument(
         "--long-conv",
-        default="fft",
+        default=hyena.LONG_CONV,
         help="Hyena's long convolution paths to time in turn: fft, chunked, chunked-bf16",
     )
     args = p.parse_args()
