@@ -149,6 +149,9 @@ class Runner:
         self._sample_fns: tuple[Callable[[Tensor, Tensor, Tensor], Tensor], ...] = (
             self._decode_sample,
         )
+        fused = cfg.fused_sampler and kernels.available(self.last_ids)
+        if fused:
+            self._sample_fns = (self._fused_sample,)  # one Triton kernel, any batch size
         if cfg.compile:
             # One compiled variant per batch bucket (and per runner): past dynamo's default
             # recompile limit (8) it would silently fall back to eager.
@@ -159,16 +162,15 @@ class Runner:
             # The sampler compiled on its own, twice: inductor's persistent reductions (one
             # program holds a row's 260 logits) win up to a few hundred rows and lose 2x at a
             # thousand (measured on an H100: docs/BENCHMARKS.md), so large buckets go without.
-            self._sample_fns = tuple(
-                torch.compile(
-                    self._decode_sample,
-                    dynamic=dynamic,
-                    options={"triton.persistent_reductions": persistent},
+            if not fused:
+                self._sample_fns = tuple(
+                    torch.compile(
+                        self._decode_sample,
+                        dynamic=dynamic,
+                        options={"triton.persistent_reductions": persistent},
+                    )
+                    for persistent in (True, False)
                 )
-                for persistent in (True, False)
-            )
-        if cfg.fused_sampler and kernels.available(self.last_ids):
-            self._sample_fns = (self._fused_sample,)  # one Triton kernel, any batch size
         self._decode_fn = self._decode_rows  # graphs are captured by DecodeGraphs
         if self.device.type == "cuda" and cfg.cuda_graphs:
             self.graphs = DecodeGraphs(self._decode_rows, cfg.buckets, self.scratch, dev)
