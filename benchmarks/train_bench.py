@@ -19,6 +19,7 @@ import itertools
 import json
 import platform
 import time
+from dataclasses import replace
 from pathlib import Path
 from typing import Any
 
@@ -127,6 +128,12 @@ def main() -> None:
         default=hyena.LONG_CONV,
         help="Hyena's long convolution paths to time in turn: fft, chunked, chunked-bf16",
     )
+    p.add_argument(
+        "--delta-chunk",
+        default="",
+        help="the delta rule's chunk lengths to time in turn (ModelConfig.delta_chunk: the same"
+        " function, other work per chunk); empty: the config's",
+    )
     args = p.parse_args()
     config = ModelConfig.named(args.config)
     choice = {"off": [False], "on": [True], "both": [False, True]}
@@ -139,22 +146,24 @@ def main() -> None:
             profile(config, *point(args.grid.split(",")[0]), args.device)
     head = (
         f"{'rows':>5} {'seq':>6} {'segs':>4} {'ckpt':>4} {'comp':>6} {'delta':>10}"
-        f" {'long conv':>12} {'bytes/s':>12}"
+        f" {'long conv':>12} {'chunk':>5} {'bytes/s':>12}"
     )
     print(head + f" {'MFU':>6} {'step ms':>8} {'mem GB':>7} {'warm s':>7}", flush=True)
     for spec in filter(None, args.grid.split(",")):
         rows, seq, segs = point(spec)
         for ck in choice[args.checkpointing]:
             for comp in args.compile.split(","):
-                for variant, conv in itertools.product(variants, args.long_conv.split(",")):
+                convs, chunks = args.long_conv.split(","), args.delta_chunk.split(",")
+                for variant, conv, chunk in itertools.product(variants, convs, chunks):
                     where = f"{rows:>5} {seq:>6} {segs:>4} {ck!s:>4} {comp:>6} {variant:>10}"
-                    where += f" {conv:>12}"
+                    where += f" {conv:>12} {chunk or config.delta_chunk:>5}"
+                    cfg = replace(config, delta_chunk=int(chunk)) if chunk else config
                     hyena.LONG_CONV = "fft" if conv == "fft" else "chunked"
                     hyena.CHUNKED_DTYPE = "bfloat16" if conv.endswith("bf16") else "float32"
                     try:
                         with delta.switched(**VARIANTS[variant]):
                             r = measure(
-                                config, rows, seq, segs, checkpointing=ck, compile=comp,
+                                cfg, rows, seq, segs, checkpointing=ck, compile=comp,
                                 steps=args.steps, warmup=args.warmup, peak=args.peak_flops,
                                 device=args.device,
                             )  # fmt: skip
@@ -162,7 +171,9 @@ def main() -> None:
                         print(f"{where} out of memory")
                         torch.cuda.empty_cache()
                         continue
-                    results.append({**r, "delta": variant, "long_conv": conv})
+                    results.append(
+                        {**r, "delta": variant, "long_conv": conv, "delta_chunk": cfg.delta_chunk}
+                    )
                     print(
                         f"{where} {r['bytes_per_s']:>12,.0f} {100 * r['mfu']:>5.1f}%"
                         f" {r['step_ms']:>8.1f} {r['peak_mem_gb']:>7.1f} {r['warmup_s']:>7.1f}",
