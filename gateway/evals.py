@@ -141,14 +141,20 @@ async def _closed(
 ) -> int:
     """Until the engine has read the session's input and closed `want` of its segments (the
     scheduler counts bytes as fed when it plans a step, segments close when the step ran) ->
-    segments closed. Bounded by timeout s."""
-    deadline = time.perf_counter() + timeout
-    while time.perf_counter() < deadline:
+    segments closed. Reading a long context takes as long as it takes: this gives up only once
+    the session has made no progress (bytes fed, segments closed) for timeout s."""
+    last, deadline = (-1, -1), 0.0
+    while True:
         seq = engine.scheduler.seqs.get(sid)
-        if seq is None or (not seq.pending and counts.closed.get(sid, 0) >= want):
-            break
+        done = counts.closed.get(sid, 0)
+        if seq is None or (not seq.pending and done >= want):
+            return done
+        now = time.perf_counter()
+        if (seq.fed, done) != last:
+            last, deadline = (seq.fed, done), now + timeout
+        elif now > deadline:
+            return done
         await asyncio.sleep(POLL_S)
-    return counts.closed.get(sid, 0)
 
 
 async def caught_up(engine: Engine, plugin: MemoryPlugin, sid: str, closed: int) -> bool:

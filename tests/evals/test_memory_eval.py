@@ -143,3 +143,18 @@ def test_concurrency_below_one_is_refused(capsys: pytest.CaptureFixture[str]) ->
     args = ["eval", "passkey", "--model", "tiny", "--lengths", "256", "--n", "1"]
     assert main([*args, "--concurrency", "0", "--no-memory"]) == 2
     assert "--concurrency 0" in capsys.readouterr().err
+
+
+async def test_a_context_longer_to_read_than_the_settle_bound_still_settles(
+    nats_server: NatsServer, tiny_model: ByteLM
+) -> None:
+    """--settle bounds the wait for consolidation, not the reading of the context: a context that
+    takes the engine longer than that to read is read whole, every segment of it closed, before
+    the wait for consolidation starts."""
+    length = 24 << 10
+    report = await evaluate(
+        tiny_model, "passkey", [length], [0.5], 1, nats_url=nats_server.url, settle_s=1.0
+    )
+    (cell,) = report.cells
+    assert cell.seconds > 1.0, "the context took longer to read than the settle bound"
+    assert cell.segments == (length - 39) // 128
