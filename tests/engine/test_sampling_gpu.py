@@ -11,9 +11,9 @@ import torch
 
 from engine import Engine, EngineConfig, SamplingParams
 from engine.sampling import sample
-from engine.types import Delta, Done
 from model import ByteLM, ModelConfig
 from model.kernels import sample_step
+from tests.engine.reference import Reader
 
 pytestmark = [
     pytest.mark.gpu,
@@ -126,16 +126,7 @@ def test_engine_bytes_are_the_same_with_either_sampler() -> None:
             sessions = [engine.open() for _ in params]
             for s, sp in zip(sessions, params, strict=True):
                 s.submit(b"the fused sampler ", sp)
-            out = []
-            for s in sessions:
-                data = b""
-                while True:
-                    batch = await asyncio.wait_for(s.next_batch(), 60)
-                    data += b"".join(e.data for e in batch if isinstance(e, Delta))
-                    if any(isinstance(e, Done) for e in batch):
-                        break
-                out.append(data)
-            return out
+            return [(await Reader(s).turn(60))[0] for s in sessions]
 
     fused, plain = asyncio.run(serve(True)), asyncio.run(serve(False))
     assert fused == plain
