@@ -74,26 +74,17 @@ class ModalFilter(nn.Module):
         return mag * torch.cos(theta), mag * torch.sin(theta), r_re, r_im
 
 
-def modal_powers(log_mag: Tensor, theta: Tensor, length: int) -> tuple[Tensor, Tensor]:
-    """lambda^t for t = 0..length-1 -> re, im each (D, N, length).
+def modal_powers(
+    log_mag: Tensor, theta: Tensor, length: int, stride: int = 1
+) -> tuple[Tensor, Tensor]:
+    """lambda^(stride t) for t = 0..length-1 -> re, im each (D, N, length).
 
-    The phase theta * t is formed in float64 and reduced mod 2 pi before the cosine, so long
-    chunks keep the same accuracy as short ones.
+    The phase theta * stride * t is formed in float64 and reduced mod 2 pi before the cosine, so
+    long chunks keep the same accuracy as short ones.
     """
-    t = torch.arange(length, device=log_mag.device, dtype=torch.float64)
+    t = torch.arange(length, device=log_mag.device, dtype=torch.float64) * stride
     phase = torch.remainder(theta.double().unsqueeze(-1) * t, 2 * math.pi).to(log_mag.dtype)
     mag = torch.exp(log_mag.double().unsqueeze(-1) * t).to(log_mag.dtype)
-    return mag * torch.cos(phase), mag * torch.sin(phase)
-
-
-def modal_powers_strided(
-    log_mag: Tensor, theta: Tensor, length: int, stride: int
-) -> tuple[Tensor, Tensor]:
-    """lambda^(stride k) for k = 0..length-1 -> re, im each (D, N, length), formed as
-    modal_powers forms them (phase in float64, reduced mod 2 pi)."""
-    k = torch.arange(length, device=log_mag.device, dtype=torch.float64) * stride
-    phase = torch.remainder(theta.double().unsqueeze(-1) * k, 2 * math.pi).to(log_mag.dtype)
-    mag = torch.exp(log_mag.double().unsqueeze(-1) * k).to(log_mag.dtype)
     return mag * torch.cos(phase), mag * torch.sin(phase)
 
 
@@ -135,7 +126,7 @@ def chunked_modal_conv(
     e = torch.einsum("dkj,bdcj->bdck", rev.to(dt), uc.to(dt)).to(u.dtype)
     e_re, e_im = e[..., :N], e[..., N:]
     # s_c = sum_{c' < c} (lambda^C)^{c - 1 - c'} e_c' (+ (lambda^C)^c s0), c = 0..n
-    L_re, L_im = modal_powers_strided(log_mag, theta, n + 1, C)  # (D, N, n + 1)
+    L_re, L_im = modal_powers(log_mag, theta, n + 1, C)  # (D, N, n + 1)
     c = torch.arange(n + 1, device=u.device)
     gap = c.unsqueeze(1) - 1 - c[:n].unsqueeze(0)  # (n + 1, n): c - 1 - c'
     M_re = torch.where(gap >= 0, L_re[..., gap.clamp(min=0)], 0.0)  # (D, N, n + 1, n)
